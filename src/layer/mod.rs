@@ -1,0 +1,211 @@
+//! Layer indexes: how one layer blob becomes random-access.
+//!
+//! A layer is indexed by one streaming pass over its compressed bytes
+//! ([`build_index`]): the pass verifies the blob's digest and size, records
+//! every tar entry with the offset of its data in the *uncompressed tar stream*,
+//! the sha256 of every [`BLOCK_SIZE`] block of the blob (so later Range reads
+//! are verified block by block), and, per format, what is needed to enter the
+//! stream in the middle:
+//!
+//! | format | [`Access`] | how a stream offset is read |
+//! |---|---|---|
+//! | tar | `Tar` | stream offset = blob offset |
+//! | tar+gzip | `Gzip` | zran checkpoint at or before the offset, inflate the span |
+//! | tar+zstd | `Spill` | the decompressed stream was kept in the cache during the pass |
+//!
+//! This module knows nothing of other layers (see `union`), of FUSE, or of the
+//! network: bytes come in through [`std::io::Read`] while indexing and through
+//! [`BlobSource`] while reading.
+
+use crate::digest::Digest;
+use serde::{Deserialize, Serialize};
+
+pub mod index;
+pub mod reader;
+pub mod tar;
+pub mod zran;
+
+// pub use index::{IndexOptions, build_index};
+// pub use reader::LayerReader;
+
+/// Size of the blob blocks whose sha256 the index records. Every byte fetched
+/// by Range is fetched in whole blocks and checked against these.
+pub const BLOCK_SIZE: u32 = 128 * 1024;
+
+/// Bumped whenever the persisted form of [`Index`] changes; older indexes are
+/// rebuilt, never misread.
+pub const INDEX_VERSION: u32 = 1;
+
+/// How a layer blob is compressed (from its media type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Everything imgfs knows about one layer after its verified scan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Index {
+    pub version: u32,
+    /// Digest of the (compressed) blob this index describes.
+    pub layer_digest: Digest,
+    /// Size of the blob in bytes.
+    pub blob_size: u64,
+    /// Length of the uncompressed tar stream.
+    pub stream_size: u64,
+    /// Tar entries in archive order (later entries for the same path win).
+    pub entries: Vec<Entry>,
+    /// sha256 of each `BLOCK_SIZE` block of the blob; the last one may be short.
+    /// For `Access::Spill` these are blocks of the spilled *decompressed* stream.
+    pub block_digests: Vec<[u8; 32]>,
+    pub access: Access,
+}
+
+/// How offsets of the uncompressed tar stream map onto stored bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Access {
+    /// Uncompressed tar: stream offsets are blob offsets.
+    Tar,
+    /// tar+gzip with zran checkpoints, sorted by `out`. The first one is at
+    /// `out == 0` (right after the gzip header).
+    Gzip { checkpoints: Vec<Checkpoint> },
+    /// The decompressed stream is kept in the cache (single-frame zstd).
+    Spill,
+}
+
+/// A point where inflation can resume (zlib's `examples/zran.c`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Offset in the uncompressed stream.
+    pub out: u64,
+    /// Offset in the compressed blob of the first byte *not yet fully consumed*.
+    /// When `bits != 0`, the top `bits` bits of the byte at `inp - 1` belong
+    /// to the next deflate block and must be primed.
+    pub inp: u64,
+    pub bits: u8,
+    /// The 32 KiB of history before `out`, stored compressed (format is the
+    /// zran module's business).
+    pub window: Vec<u8>,
+}
+
+/// One tar entry, with its path already normalized (see [`normalize_path`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Relative path without leading `/` or `./`, no `.`/`..`/empty components.
+    /// Empty means the root directory itself (`./` in a tar).
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Sub-second part of the mtime (from PAX `mtime`), 0 when absent.
+    pub mtime_nsec: u32,
+    /// Extended attributes from PAX `SCHILY.xattr.*` records, in archive order.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EntryKind {
+    Dir,
+    File { size: u64, data: FileData },
+    Symlink { target: Vec<u8> },
+    /// A hardlink to the entry at `target` (normalized like `Entry::path`).
+    Hardlink { target: Vec<u8> },
+    CharDevice { major: u32, minor: u32 },
+    BlockDevice { major: u32, minor: u32 },
+    Fifo,
+}
+
+/// Where a regular file's bytes live in the uncompressed tar stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FileData {
+    /// `size` bytes starting at this stream offset.
+    Contiguous { offset: u64 },
+    /// A sparse file: listed segments hold data, everything else reads as zeros.
+    Sparse { segments: Vec<Segment> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Segment {
+    pub file_offset: u64,
+    pub stream_offset: u64,
+    pub len: u64,
+}
+
+/// Verified bytes of a layer blob (or of its spilled stream), by offset.
+/// Implemented by the cache over the registry; tests use in-memory blobs.
+pub trait BlobSource: Send + Sync {
+    /// Exactly `len` bytes at `offset`, every one checked against the index's
+    /// block digests. Short only at the end of the blob.
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError>;
+}
+
+/// Why a [`BlobSource`] could not deliver (network, digest, timeout...).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("layer {digest}: digest mismatch: the registry sent bytes hashing to {actual}")]
+    DigestMismatch { digest: Digest, actual: Digest },
+    #[error("layer {digest}: size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch { digest: Digest, expected: u64, actual: u64 },
+    #[error("layer {digest}: invalid tar at stream offset {offset}: {reason}")]
+    Tar { digest: Digest, offset: u64, reason: String },
+    #[error("layer {digest}: invalid {format} data at blob offset {offset}: {reason}")]
+    Compression { digest: Digest, format: &'static str, offset: u64, reason: String },
+    #[error("layer {digest}: unsupported: {what}")]
+    Unsupported { digest: Digest, what: String },
+    #[error("reading layer {digest}: {source}")]
+    Source { digest: Digest, #[source] source: SourceError },
+    #[error("reading layer {digest}: {source}")]
+    Io { digest: Digest, #[source] source: std::io::Error },
+    #[error("layer index: {0}")]
+    BadIndex(String),
+}
+
+/// Normalizes a tar path the way containerd confines it: the path is cleaned
+/// as if joined to `/` (so `../../etc/x` becomes `etc/x`, `/abs` becomes
+/// `abs`, `./a//b/.` becomes `a/b`). Returns the path without a leading `/`;
+/// the empty result is the root directory.
+pub fn normalize_path(raw: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for part in raw.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            name => parts.push(name),
+        }
+    }
+    parts.join(&b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    #[test]
+    fn normalize_confines_paths() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"./", b""),
+            (b".", b""),
+            (b"/", b""),
+            (b"./etc/passwd", b"etc/passwd"),
+            (b"/etc//passwd/", b"etc/passwd"),
+            (b"../../etc/shadow", b"etc/shadow"),
+            (b"a/../../b", b"b"),
+            (b"a/./b/../c", b"a/c"),
+            (b"usr/lib/\xff\xfe", b"usr/lib/\xff\xfe"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalize_path(raw), *want, "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+}
