@@ -1,1 +1,296 @@
-//! (being written)
+//! One mounted image, wired end to end: resolve the reference, make sure
+//! every layer has an index (from the cache, or by one verified streaming
+//! pass), stack them into a tree, and give `fs` a reader per layer whose
+//! bytes come from the block cache or the registry.
+//!
+//! This is the only module that knows every other one; each step is a
+//! function a test can call on its own.
+
+use crate::cache::{Cache, CacheError};
+use crate::digest::Digest;
+use crate::fs::ImageFs;
+use crate::image::{self, ImageError, LayerDescriptor, Platform, ResolvedImage};
+use crate::layer::{
+    self, Access, BlobSource, Compression, Index, IndexOptions, LayerError, LayerReader,
+};
+use crate::reference::Reference;
+use crate::registry::{Client, RegistryError};
+use crate::source::{BlockSource, RangeFetcher, SpillSource};
+use crate::union::Tree;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+/// Layers indexed at the same time: on a small machine the inflate work,
+/// not the link, is the limit.
+const PARALLEL_INDEXING: usize = 2;
+/// Chunks buffered between the network task and the indexing thread.
+const PIPE_DEPTH: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("layer {digest}: {what}: {source}")]
+    Io {
+        digest: Digest,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// An image whose layers are all indexed: everything a mount needs.
+pub struct Prepared {
+    pub image: ResolvedImage,
+    pub indexes: Vec<Arc<Index>>,
+}
+
+/// Resolves `reference` and indexes every layer not yet in the cache,
+/// showing a progress bar per layer being scanned.
+pub async fn prepare(
+    client: &Client,
+    cache: &Cache,
+    reference: &Reference,
+    platform: Option<&Platform>,
+    progress: &MultiProgress,
+) -> Result<Prepared, MountError> {
+    let image = image::resolve(client, reference, platform).await?;
+    let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_INDEXING));
+    let tasks = image.layers.iter().map(|layer| {
+        let limit = limit.clone();
+        async move {
+            let _permit = limit
+                .acquire()
+                .await
+                .map_err(|e| MountError::Internal(e.to_string()))?;
+            layer_index(client, cache, reference, layer, progress).await
+        }
+    });
+    let indexes = futures_util::future::try_join_all(tasks).await?;
+    Ok(Prepared { image, indexes })
+}
+
+/// The layer's index from the cache, or built by one streaming pass. The
+/// per-layer lock makes concurrent first mounts of one layer scan it once.
+async fn layer_index(
+    client: &Client,
+    cache: &Cache,
+    reference: &Reference,
+    layer: &LayerDescriptor,
+    progress: &MultiProgress,
+) -> Result<Arc<Index>, MountError> {
+    let digest = layer.blob.digest;
+    if let Some(index) = cache.load_index(&digest)? {
+        return Ok(Arc::new(index));
+    }
+    let lock = {
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || cache.lock_layer(&digest))
+            .await
+            .map_err(|e| MountError::Internal(e.to_string()))??
+    };
+    if let Some(index) = cache.load_index(&digest)? {
+        return Ok(Arc::new(index));
+    }
+    let bar = progress.add(layer_bar(layer));
+    let stream = client.blob(reference, &layer.blob).await?;
+    let (tx, rx) = mpsc::channel(PIPE_DEPTH);
+    let pump = tokio::spawn(async move {
+        let mut stream = stream;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| io::Error::other(e.to_string()));
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let build = {
+        let cache = cache.clone();
+        let layer = layer.clone();
+        let bar = bar.clone();
+        tokio::task::spawn_blocking(move || scan(&cache, &layer, ChannelReader::new(rx, bar)))
+    };
+    let result = build
+        .await
+        .map_err(|e| MountError::Internal(e.to_string()))?;
+    pump.abort();
+    bar.finish_and_clear();
+    drop(lock);
+    Ok(Arc::new(result?))
+}
+
+/// The blocking half of indexing: build, keep the spill for zstd, persist.
+fn scan(cache: &Cache, layer: &LayerDescriptor, input: ChannelReader) -> Result<Index, MountError> {
+    let digest = layer.blob.digest;
+    let opts = IndexOptions::default();
+    let index = if layer.compression == Compression::Zstd {
+        let mut spill = cache.staging()?;
+        let index = layer::build_index(
+            input,
+            layer.compression,
+            digest,
+            layer.blob.size,
+            Some(&mut spill),
+            &opts,
+        )?;
+        spill.commit(&cache.spill_path(&digest))?;
+        index
+    } else {
+        layer::build_index(
+            input,
+            layer.compression,
+            digest,
+            layer.blob.size,
+            None,
+            &opts,
+        )?
+    };
+    cache.store_index(&index)?;
+    Ok(index)
+}
+
+fn layer_bar(layer: &LayerDescriptor) -> ProgressBar {
+    let bar = ProgressBar::new(layer.blob.size);
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    let hex = layer.blob.digest.hex();
+    bar.set_prefix(format!("indexing {}", &hex[..12]));
+    bar
+}
+
+/// Turns the network task's chunks into a blocking `Read` for the indexer.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+    bar: ProgressBar,
+}
+
+impl ChannelReader {
+    fn new(rx: mpsc::Receiver<io::Result<Bytes>>, bar: ProgressBar) -> Self {
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+            bar,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// Fetches blob ranges from the registry, from a FUSE worker thread.
+struct RegistryFetcher {
+    client: Client,
+    reference: Reference,
+    layer: LayerDescriptor,
+    runtime: Handle,
+    timeout: Duration,
+}
+
+impl RangeFetcher for RegistryFetcher {
+    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, layer::SourceError> {
+        let request = self
+            .client
+            .blob_range(&self.reference, &self.layer.blob, start, end);
+        match self
+            .runtime
+            .block_on(tokio::time::timeout(self.timeout, request))
+        {
+            Ok(Ok(bytes)) => Ok(bytes.to_vec()),
+            Ok(Err(e)) => Err(layer::SourceError(e.to_string())),
+            Err(_) => Err(layer::SourceError(format!(
+                "{}: bytes {start}-{end}: no answer within {:?}",
+                self.describe(),
+                self.timeout
+            ))),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("{}@{}", self.reference.name(), self.layer.blob.digest)
+    }
+}
+
+/// Builds the filesystem for a prepared image: the union tree and one
+/// reader per layer over the cache and the registry.
+pub fn filesystem(
+    prepared: &Prepared,
+    client: &Client,
+    cache: &Cache,
+    runtime: Handle,
+    read_timeout: Duration,
+) -> Result<ImageFs, MountError> {
+    let tree = Tree::build(&prepared.indexes);
+    let mut readers = Vec::with_capacity(prepared.indexes.len());
+    for (index, layer) in prepared.indexes.iter().zip(&prepared.image.layers) {
+        let digest = layer.blob.digest;
+        let io_err = |what| {
+            move |source| MountError::Io {
+                digest,
+                what,
+                source,
+            }
+        };
+        let source: Arc<dyn BlobSource> = match index.access {
+            Access::Spill => Arc::new(
+                SpillSource::open(
+                    &cache.spill_path(&digest),
+                    index.stream_size,
+                    index.block_digests.clone(),
+                )
+                .map_err(io_err("opening the decompressed layer in the cache"))?,
+            ),
+            Access::Tar | Access::Gzip { .. } => {
+                let fetcher = RegistryFetcher {
+                    client: client.clone(),
+                    reference: prepared.image.reference.clone(),
+                    layer: layer.clone(),
+                    runtime: runtime.clone(),
+                    timeout: read_timeout,
+                };
+                Arc::new(
+                    BlockSource::open(
+                        &cache.blob_path(&digest),
+                        index.blob_size,
+                        index.block_digests.clone(),
+                        Arc::new(fetcher),
+                    )
+                    .map_err(io_err("opening the block cache"))?,
+                )
+            }
+        };
+        readers.push(LayerReader::new(index.clone(), source));
+    }
+    Ok(ImageFs::new(tree, readers))
+}
