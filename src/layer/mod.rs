@@ -25,8 +25,8 @@ pub mod reader;
 pub mod tar;
 pub mod zran;
 
-// pub use index::{IndexOptions, build_index};
-// pub use reader::LayerReader;
+pub use index::{IndexOptions, build_index};
+pub use reader::LayerReader;
 
 /// Size of the blob blocks whose sha256 the index records. Every byte fetched
 /// by Range is fetched in whole blocks and checked against these.
