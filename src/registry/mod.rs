@@ -1,1 +1,389 @@
-//! (being written)
+//! The registry client: manifests and blobs over the OCI distribution API.
+//!
+//! It knows HTTP, auth, credentials, redirects, Range and retries — nothing
+//! about what the bytes mean. Submodules, one concern each:
+//! - [`transport`]: one request with redirects, timeouts, retries, auth header;
+//! - [`auth`]: `WWW-Authenticate` challenges, tokens and their cache;
+//! - [`credentials`]: docker `config.json` and credential helpers;
+//! - [`range`]: Range headers and the checks on partial responses;
+//! - [`blob`]: blob sources (foreign URLs, cached CDN redirects, the registry);
+//! - [`stream`]: the resumable whole-blob stream.
+//!
+//! Blob bytes are *not* verified here (the layer indexer hashes them while it
+//! reads); manifests are, because they are small and read whole.
+
+mod auth;
+mod blob;
+mod credentials;
+mod error;
+mod range;
+mod stream;
+mod transport;
+
+pub use error::{ErrorDetail, ErrorKind, RegistryError, Status};
+pub use stream::BlobStream;
+
+use crate::digest::Digest;
+use crate::reference::{Reference, split_host_port};
+use bytes::Bytes;
+use reqwest::Url;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use serde::Serialize;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use transport::{Auth, Ctx, Inner, Request};
+
+/// Manifest media types, as sent in `Accept` and found in `Content-Type`.
+pub mod media_type {
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    /// Schema 1 (Docker < 1.10): asked for only so it can be recognized and refused.
+    pub const DOCKER_V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    pub const DOCKER_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+    /// Everything [`super::Client::manifest`] asks for when given no list.
+    pub const ALL_MANIFESTS: &[&str] = &[
+        OCI_INDEX,
+        OCI_MANIFEST,
+        DOCKER_LIST,
+        DOCKER_V2,
+        DOCKER_V1_SIGNED,
+        DOCKER_V1,
+    ];
+}
+
+/// The distribution spec's recommended manifest size limit; larger is refused.
+pub const MANIFEST_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Environment variable adding registries to talk to over plain HTTP (comma separated).
+pub const INSECURE_ENV: &str = "IMGFS_INSECURE_REGISTRIES";
+
+const DEFAULT_MAX_RETRIES: u32 = 4;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `host[:port]` (or bare `host`, any port) reached over plain HTTP.
+    /// Loopback registries always are.
+    pub insecure_registries: Vec<String>,
+    /// Where `config.json` lives; `$DOCKER_CONFIG` or `~/.docker` when `None`.
+    pub docker_config_dir: Option<PathBuf>,
+    pub user_agent: String,
+    /// Retries after the first attempt of a request (and resumes of a stream).
+    pub max_retries: u32,
+    pub connect_timeout: Duration,
+    /// Longest wait for the response head and for each body chunk.
+    pub read_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            insecure_registries: Vec::new(),
+            docker_config_dir: None,
+            user_agent: format!("imgfs/{}", env!("CARGO_PKG_VERSION")),
+            max_retries: DEFAULT_MAX_RETRIES,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+        }
+    }
+}
+
+/// Everything needed to fetch one blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlobLocator {
+    pub digest: Digest,
+    pub size: u64,
+    /// Foreign-layer URLs, tried before the registry.
+    pub urls: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    /// `Content-Type` without parameters; empty when the registry sent none.
+    pub media_type: String,
+    /// sha256 of `bytes` (checked against the requested digest when there was one).
+    pub digest: Digest,
+}
+
+/// A registry client; cheap to clone, shared by every request of a mount.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// A repository on a registry, as requests need it.
+#[derive(Debug, Clone)]
+pub(crate) struct Repo {
+    pub registry: String,
+    pub repository: String,
+    /// `scheme://api_host/v2/`.
+    pub base: Url,
+}
+
+impl Repo {
+    fn url(&self, kind: &str, reference: &str) -> Result<Url, RegistryError> {
+        self.base
+            .join(&format!("{}/{kind}/{reference}", self.repository))
+            .map_err(|e| {
+                RegistryError::new(
+                    &self.registry,
+                    format!("{kind} {reference}"),
+                    ErrorKind::Setup(e.to_string()),
+                )
+            })
+    }
+}
+
+impl Client {
+    pub fn new(opts: ClientOptions) -> Result<Client, RegistryError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            .tcp_keepalive(TCP_KEEPALIVE)
+            .user_agent(opts.user_agent.clone())
+            .build()
+            .map_err(|e| {
+                RegistryError::new(
+                    "-",
+                    "creating the HTTP client",
+                    ErrorKind::Setup(transport::describe(&e)),
+                )
+            })?;
+        let mut insecure = opts.insecure_registries.clone();
+        if let Ok(extra) = std::env::var(INSECURE_ENV) {
+            insecure.extend(
+                extra
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from),
+            );
+        }
+        let config_path = credentials::config_path(opts.docker_config_dir.as_deref());
+        let inner = Inner {
+            http,
+            opts,
+            insecure,
+            config_path,
+            auth: auth::AuthCache::default(),
+            redirects: Mutex::new(Default::default()),
+        };
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.opts
+    }
+
+    fn repo(&self, r: &Reference) -> Result<Repo, RegistryError> {
+        let scheme = if use_plain_http(&r.registry, &self.inner.insecure) {
+            "http"
+        } else {
+            "https"
+        };
+        let base = Url::parse(&format!("{scheme}://{}/v2/", r.api_host())).map_err(|e| {
+            RegistryError::new(
+                &r.registry,
+                format!("repository {}", r.repository),
+                ErrorKind::Setup(e.to_string()),
+            )
+        })?;
+        Ok(Repo {
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+            base,
+        })
+    }
+
+    /// Fetches the manifest `reference` (a tag or a digest) of `r`'s
+    /// repository. `accept` lists media types (empty: [`media_type::ALL_MANIFESTS`]).
+    /// When `reference` is a digest, the bytes are verified against it.
+    pub async fn manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+        accept: &[&str],
+    ) -> Result<FetchedManifest, RegistryError> {
+        let repo = self.repo(r)?;
+        let ctx = Ctx {
+            registry: &repo.registry,
+            what: format!(
+                "manifest {}{}{reference}",
+                repo.repository,
+                if reference.contains(':') { "@" } else { ":" }
+            ),
+        };
+        let accept = if accept.is_empty() {
+            media_type::ALL_MANIFESTS
+        } else {
+            accept
+        };
+        let mut headers = HeaderMap::new();
+        let accept_value = HeaderValue::from_str(&accept.join(", "))
+            .map_err(|_| ctx.err(ErrorKind::Setup(format!("invalid Accept list {accept:?}"))))?;
+        headers.insert(header::ACCEPT, accept_value);
+        let url = repo.url("manifests", reference)?;
+        let auth = Auth::Registry {
+            repository: repo.repository.clone(),
+        };
+        let request = Request::get(url, headers, auth, self.inner.opts.max_retries);
+        let response = self.inner.execute(&ctx, &request).await?;
+        let media_type = response
+            .resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_string())
+            .unwrap_or_default();
+        let bytes = self
+            .inner
+            .read_all(&ctx, response.resp, MANIFEST_MAX_BYTES)
+            .await?;
+        let actual = Digest::of(&bytes);
+        match reference.parse::<Digest>() {
+            Ok(expected) if expected != actual => {
+                Err(ctx.err(ErrorKind::DigestMismatch { expected, actual }))
+            }
+            _ => Ok(FetchedManifest {
+                bytes,
+                media_type,
+                digest: actual,
+            }),
+        }
+    }
+
+    /// The whole blob as a stream of chunks, exactly `blob.size` bytes long or
+    /// ending in an error. A dropped connection is resumed with a Range
+    /// request (at most `max_retries` times without progress). The bytes are
+    /// not verified here: the consumer hashes them.
+    pub async fn blob(
+        &self,
+        r: &Reference,
+        blob: &BlobLocator,
+    ) -> Result<BlobStream, RegistryError> {
+        let repo = self.repo(r)?;
+        stream::open(self.inner.clone(), repo, blob.clone()).await
+    }
+
+    /// Exactly bytes `[start, end)` of the blob (`end <= blob.size`).
+    pub async fn blob_range(
+        &self,
+        r: &Reference,
+        blob: &BlobLocator,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, RegistryError> {
+        let repo = self.repo(r)?;
+        self.inner.blob_range(&repo, blob, start, end).await
+    }
+}
+
+/// Loopback registries and those listed as insecure are spoken to over plain HTTP.
+fn use_plain_http(registry: &str, insecure: &[String]) -> bool {
+    is_loopback(registry)
+        || insecure
+            .iter()
+            .any(|entry| insecure_matches(entry, registry))
+}
+
+/// `localhost`, `127.0.0.0/8` or `[::1]`, with any port.
+pub fn is_loopback(registry: &str) -> bool {
+    let (host, _port) = split_host_port(registry);
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    match bare {
+        Some(v6) => v6.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback()),
+        None => host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+    }
+}
+
+/// An entry names the registry exactly, or names its host without a port
+/// (then any port matches). A scheme prefix is tolerated.
+fn insecure_matches(entry: &str, registry: &str) -> bool {
+    let entry = entry
+        .trim()
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    if entry == registry {
+        return true;
+    }
+    let (entry_host, entry_port) = split_host_port(entry);
+    entry_port.is_none() && split_host_port(registry).0 == entry_host
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_detection() {
+        for yes in [
+            "localhost",
+            "localhost:5000",
+            "LOCALHOST:1",
+            "127.0.0.1",
+            "127.0.0.1:5000",
+            "127.255.0.9:80",
+            "[::1]",
+            "[::1]:5000",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "docker.io",
+            "128.0.0.1:5000",
+            "10.0.0.1",
+            "[::2]:5000",
+            "localhost.example.com",
+            "[fc00::1]:5000",
+            "localhostx:5000",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn insecure_registry_matching() {
+        let list = vec!["reg.lan:5000".to_string(), "http://other.lan".to_string()];
+        assert!(use_plain_http("reg.lan:5000", &list));
+        assert!(!use_plain_http("reg.lan:5001", &list));
+        assert!(!use_plain_http("reg.lan", &list));
+        assert!(use_plain_http("other.lan", &list));
+        assert!(use_plain_http("other.lan:8080", &list));
+        assert!(!use_plain_http("docker.io", &list));
+        assert!(use_plain_http("127.0.0.1:5000", &[]));
+    }
+
+    #[test]
+    fn urls_and_schemes() {
+        let client = Client::new(ClientOptions::default()).unwrap();
+        let hub = client.repo(&Reference::parse("alpine").unwrap()).unwrap();
+        assert_eq!(
+            hub.url("manifests", "latest").unwrap().as_str(),
+            "https://registry-1.docker.io/v2/library/alpine/manifests/latest"
+        );
+        let local = client
+            .repo(&Reference::parse("localhost:5000/a/b:t").unwrap())
+            .unwrap();
+        assert_eq!(
+            local.url("blobs", "sha256:00").unwrap().as_str(),
+            "http://localhost:5000/v2/a/b/blobs/sha256:00"
+        );
+        let v6 = client
+            .repo(&Reference::parse("[::1]:5000/x").unwrap())
+            .unwrap();
+        assert_eq!(v6.base.as_str(), "http://[::1]:5000/v2/");
+    }
+}
