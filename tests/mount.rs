@@ -428,24 +428,6 @@ fn multiarch_platform_picks_the_right_image() {
     assert_one_line_error(&failure.stderr, &["s390x"]);
 }
 
-/// Exactly one line on stderr, starting `imgfs: `, containing each of `words`
-/// (case-insensitively).
-fn assert_one_line_error(stderr: &str, words: &[&str]) {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(
-        lines.len() == 1 && lines[0].starts_with("imgfs: "),
-        "expected one line starting 'imgfs: ', got:\n{stderr}"
-    );
-    let lower = lines[0].to_lowercase();
-    for word in words {
-        assert!(
-            lower.contains(&word.to_lowercase()),
-            "error line does not mention {word:?}: {}",
-            lines[0]
-        );
-    }
-}
-
 // ------------------------------------------------------------------ auth
 
 #[test]

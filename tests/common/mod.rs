@@ -165,6 +165,24 @@ pub fn within<T: Send + 'static>(
     }
 }
 
+/// Exactly one line on stderr, starting `imgfs: `, containing each of `words`
+/// (case-insensitively).
+pub fn assert_one_line_error(stderr: &str, words: &[&str]) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("imgfs: "),
+        "expected one line starting 'imgfs: ', got:\n{stderr}"
+    );
+    let lower = lines[0].to_lowercase();
+    for word in words {
+        assert!(
+            lower.contains(&word.to_lowercase()),
+            "error line does not mention {word:?}: {}",
+            lines[0]
+        );
+    }
+}
+
 // ------------------------------------------------------------------ registry
 
 /// How to start a [`Registry`].
@@ -608,7 +626,16 @@ pub fn reference_unpack(reg: &Registry, reference: &str) -> Unpacked {
         .expect("temp dir");
     let oci = dir.path().join("oci");
     let mut copy = Command::new("skopeo");
-    copy.args(["copy", "--quiet", "--src-tls-verify=false"]);
+    // umoci 0.4.7 unpacks tar and tar+gzip only: have skopeo turn every
+    // layer (zstd too) into gzip on the way.
+    copy.args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--dest-compress",
+        "--dest-compress-format",
+        "gzip",
+    ]);
     if let Some((user, password)) = reg.credentials() {
         copy.arg("--src-creds").arg(format!("{user}:{password}"));
     }
