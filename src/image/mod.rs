@@ -25,8 +25,9 @@ const CONFIG_MAX_BYTES: u64 = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// Boxed: registry errors carry several strings and this enum is returned a lot.
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     #[error("{reference}: {what}: {reason}")]
     Invalid {
         reference: String,
@@ -52,16 +53,21 @@ pub enum ImageError {
         actual: String,
     },
     #[error(
-        "{reference}: {what} {expected}: digest mismatch: the registry sent bytes hashing to {actual}"
+        "{reference}: config {expected}: digest mismatch: the registry sent bytes hashing to {actual}"
     )]
-    DigestMismatch {
+    ConfigDigestMismatch {
         reference: String,
-        what: String,
         expected: Digest,
         actual: Digest,
     },
     #[error("invalid platform {input:?}: {reason}")]
     InvalidPlatform { input: String, reason: String },
+}
+
+impl From<RegistryError> for ImageError {
+    fn from(e: RegistryError) -> Self {
+        ImageError::Registry(Box::new(e))
+    }
 }
 
 /// Everything known about an image before any layer is read.
@@ -267,9 +273,8 @@ async fn fetch_config(
         .await?;
     let actual = Digest::of(&raw);
     if actual != locator.digest {
-        return Err(ImageError::DigestMismatch {
+        return Err(ImageError::ConfigDigestMismatch {
             reference: name,
-            what: "config".to_string(),
             expected: locator.digest,
             actual,
         });

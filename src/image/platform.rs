@@ -268,7 +268,8 @@ mod tests {
         let only_v6: Vec<(Platform, &str)> =
             vec![(p("linux/arm/v6"), "armv6"), (p("linux/arm/v7"), "armv7")];
         let bare_arm64: Vec<(Platform, &str)> = vec![(p("linux/arm64"), "arm64-bare")];
-        let cases: &[(&str, &[(Platform, &str)], Option<&str>)] = &[
+        type Case<'a> = (&'a str, &'a [(Platform, &'a str)], Option<&'a str>);
+        let cases: &[Case] = &[
             ("linux/amd64", &index, Some("amd64")),
             ("linux/x86_64", &index, Some("amd64")),
             ("linux/aarch64", &index, Some("arm64")),

@@ -26,12 +26,12 @@ pub struct RegistryError {
 pub enum ErrorKind {
     #[error("404 not found{detail}")]
     NotFound { detail: ErrorDetail },
-    #[error("{status}{detail}: check credentials in {config} or run `docker login {login}`")]
+    /// `advice` says where credentials were looked for and how to add them.
+    #[error("{status}{detail}: {advice}")]
     Unauthorized {
         status: Status,
         detail: ErrorDetail,
-        config: String,
-        login: String,
+        advice: String,
     },
     #[error("403 denied{detail}")]
     Denied { detail: ErrorDetail },

@@ -17,6 +17,8 @@ mod blob;
 mod credentials;
 mod error;
 mod range;
+#[cfg(test)]
+mod server_tests;
 mod stream;
 mod transport;
 

@@ -163,11 +163,11 @@ impl Inner {
             Some(path) => path.display().to_string(),
             None => "~/.docker/config.json".to_string(),
         };
+        let advice = format!("check credentials in {config} or run `docker login {registry}`");
         ErrorKind::Unauthorized {
             status,
             detail,
-            config,
-            login: registry.to_string(),
+            advice,
         }
     }
 
