@@ -421,6 +421,14 @@ impl BufRead for ChunkReader {
     }
 }
 
+/// zstd with its content checksum, so a damaged file never decodes.
+fn compress_checksummed(body: &[u8]) -> io::Result<Vec<u8>> {
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), INDEX_ZSTD_LEVEL)?;
+    encoder.include_checksum(true)?;
+    encoder.write_all(body)?;
+    encoder.finish()
+}
+
 fn bincode_options() -> impl bincode::Options {
     bincode::DefaultOptions::new().with_limit(MAX_DECODED_INDEX)
 }
@@ -431,7 +439,7 @@ impl Index {
         let body = bincode_options().serialize(self).map_err(|e| {
             LayerError::BadIndex(format!("encoding index of {}: {e}", self.layer_digest))
         })?;
-        let packed = zstd::bulk::compress(&body, INDEX_ZSTD_LEVEL).map_err(|e| {
+        let packed = compress_checksummed(&body).map_err(|e| {
             LayerError::BadIndex(format!("compressing index of {}: {e}", self.layer_digest))
         })?;
         let mut out = Vec::with_capacity(INDEX_HEADER_LEN + packed.len());
@@ -535,5 +543,678 @@ fn file_data_in_range(size: u64, data: &crate::layer::FileData, stream_size: u64
                 ok
             })
         }
+    }
+}
+
+/// Helpers shared by the layer tests: in-memory sources, GNU tar/gzip runs.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::digest::Digest;
+    use crate::layer::{BlobSource, Compression, EntryKind, Index, LayerReader, SourceError};
+    use std::io::Write;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+
+    /// A blob in memory; short reads only at its end, like the real source.
+    pub struct MemSource(pub Vec<u8>);
+
+    impl BlobSource for MemSource {
+        fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
+            let start = usize::try_from(offset).map_err(|e| SourceError(e.to_string()))?;
+            if start > self.0.len() {
+                return Err(SourceError(format!("offset {offset} past the end")));
+            }
+            let end = self.0.len().min(start.saturating_add(len));
+            Ok(self.0[start..end].to_vec())
+        }
+    }
+
+    /// Runs a command with `input` on stdin and returns its stdout.
+    pub fn pipe(cmd: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+        let mut child = Command::new(cmd)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        let feeder = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().expect("wait");
+        feeder.join().expect("feeder").expect("write stdin");
+        assert!(out.status.success(), "{cmd} {args:?} failed");
+        out.stdout
+    }
+
+    pub fn run(cmd: &str, args: &[&str], dir: &Path) {
+        let status = Command::new(cmd)
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .expect("spawn");
+        assert!(status.success(), "{cmd} {args:?} failed");
+    }
+
+    pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+        pipe("gzip", &[&format!("-{level}"), "-c"], data)
+    }
+
+    /// Indexes `blob`, returning the index and a reader over the right source.
+    pub fn index_blob(
+        blob: &[u8],
+        compression: Compression,
+        spacing: u64,
+    ) -> (Arc<Index>, LayerReader) {
+        let mut spill = Vec::new();
+        let opts = super::IndexOptions {
+            checkpoint_spacing: spacing,
+        };
+        let spill_arg: Option<&mut (dyn Write + Send)> = if compression == Compression::Zstd {
+            Some(&mut spill)
+        } else {
+            None
+        };
+        let index = super::build_index(
+            blob,
+            compression,
+            Digest::of(blob),
+            blob.len() as u64,
+            spill_arg,
+            &opts,
+        )
+        .unwrap_or_else(|e| panic!("indexing: {e}"));
+        let source = if compression == Compression::Zstd {
+            spill
+        } else {
+            blob.to_vec()
+        };
+        let index = Arc::new(index);
+        let reader = LayerReader::new(Arc::clone(&index), Arc::new(MemSource(source)));
+        (index, reader)
+    }
+
+    /// The whole content of regular file entry `path` (the last entry of that path).
+    pub fn read_whole(index: &Index, reader: &LayerReader, path: &[u8], piece: usize) -> Vec<u8> {
+        let entry = index
+            .entries
+            .iter()
+            .rev()
+            .find(|e| e.path == path)
+            .expect("entry exists");
+        let EntryKind::File { size, data } = &entry.kind else {
+            panic!("not a file")
+        };
+        let mut out = Vec::new();
+        while (out.len() as u64) < *size {
+            let got = reader
+                .read_file(*size, data, out.len() as u64, piece)
+                .expect("read");
+            assert!(!got.is_empty());
+            out.extend(got);
+        }
+        assert!(
+            reader
+                .read_file(*size, data, *size, piece)
+                .expect("read at end")
+                .is_empty()
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+    use crate::layer::{EntryKind, FileData, LayerReader};
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::Path;
+
+    /// A directory with every kind of entry, long names and sparse files.
+    fn populate(root: &Path) {
+        let write = |rel: &str, data: &[u8]| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, data).unwrap();
+        };
+        let busybox = std::fs::read("/usr/bin/busybox").unwrap();
+        write("bin/busybox", &busybox);
+        for name in ["Apache-2.0", "GPL-3", "BSD"] {
+            write(
+                &format!("licenses/{name}"),
+                &std::fs::read(format!("/usr/share/common-licenses/{name}")).unwrap(),
+            );
+        }
+        write("empty", b"");
+        let long_dir = "d".repeat(90) + "/" + &"e".repeat(90) + "/" + &"f".repeat(90);
+        write(
+            &format!("{long_dir}/{}", "long-file-name-".repeat(8)),
+            b"long named content\n",
+        );
+        std::fs::set_permissions(
+            root.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        run("ln", &["-s", "../licenses/BSD", "bin/link-to-bsd"], root);
+        run("ln", &["-s", &"t".repeat(150), "long-symlink"], root);
+        run("ln", &["licenses/GPL-3", "hardlink-to-gpl"], root);
+        run("mkfifo", &["fifo"], root);
+        run("mknod", &["chardev", "c", "1", "3"], root);
+        run("mknod", &["blockdev", "b", "7", "200"], root);
+        // Sparse: a trailing byte after a 10 MiB hole; and many data islands
+        // (more than GNU's 4 in-header map entries, so extension headers are used).
+        run("truncate", &["-s", "10M", "sparse-tail"], root);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("sparse-tail"))
+            .unwrap()
+            .write_all(b"x\n")
+            .unwrap();
+        let islands = root.join("sparse-islands");
+        let file = std::fs::File::create(&islands).unwrap();
+        for i in 0..40u64 {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(
+                &busybox[(i as usize) * 1000..(i as usize) * 1000 + 5000],
+                i * 256 * 1024 + 777,
+            )
+            .unwrap();
+        }
+        file.set_len(41 * 256 * 1024).unwrap();
+    }
+
+    /// GNU tar of `root` with `--sparse` and the given options.
+    fn tar_with(root: &Path, options: &[&str]) -> Vec<u8> {
+        let out = std::process::Command::new("tar")
+            .arg("--sparse")
+            .args(options)
+            .args(["-cf", "-", "-C"])
+            .arg(root)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tar failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    fn tar_of(root: &Path, format: &str) -> Vec<u8> {
+        tar_with(root, &[&format!("--format={format}")])
+    }
+
+    /// Checks every entry of `index` against the tree GNU tar extracted.
+    fn check_against_extraction(
+        index: &Index,
+        reader: &LayerReader,
+        extracted: &Path,
+        label: &str,
+    ) {
+        let mut files = 0;
+        let mut last: BTreeMap<&[u8], &crate::layer::Entry> = BTreeMap::new();
+        for e in &index.entries {
+            last.insert(&e.path, e);
+        }
+        for (path, entry) in last {
+            let disk = extracted.join(std::str::from_utf8(path).unwrap());
+            let meta = std::fs::symlink_metadata(&disk)
+                .unwrap_or_else(|e| panic!("{label} {disk:?}: {e}"));
+            assert_eq!(entry.mode, meta.mode() & 0o7777, "{label} mode of {disk:?}");
+            assert_eq!(entry.mtime, meta.mtime(), "{label} mtime of {disk:?}");
+            match &entry.kind {
+                EntryKind::File { size, .. } => {
+                    files += 1;
+                    let want = std::fs::read(&disk).unwrap();
+                    assert_eq!(*size, want.len() as u64, "{label} size of {disk:?}");
+                    for piece in [128 * 1024, 100_003] {
+                        assert!(
+                            read_whole(index, reader, path, piece) == want,
+                            "{label} content of {disk:?}"
+                        );
+                    }
+                }
+                EntryKind::Dir => assert!(meta.is_dir()),
+                EntryKind::Symlink { target } => {
+                    assert_eq!(
+                        std::fs::read_link(&disk)
+                            .unwrap()
+                            .as_os_str()
+                            .as_encoded_bytes(),
+                        target.as_slice()
+                    )
+                }
+                EntryKind::Hardlink { target } => {
+                    let other =
+                        std::fs::metadata(extracted.join(std::str::from_utf8(target).unwrap()))
+                            .unwrap();
+                    assert_eq!(other.ino(), meta.ino(), "{label} hardlink {disk:?}");
+                }
+                EntryKind::CharDevice { major, minor }
+                | EntryKind::BlockDevice { major, minor } => {
+                    let rdev = meta.rdev();
+                    assert_eq!(
+                        (*major, *minor),
+                        (libc_major(rdev), libc_minor(rdev)),
+                        "{label} {disk:?}"
+                    );
+                }
+                EntryKind::Fifo => {}
+            }
+        }
+        assert!(files >= 8, "{label}: only {files} files");
+    }
+
+    fn libc_major(rdev: u64) -> u32 {
+        (((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff)) as u32
+    }
+
+    fn libc_minor(rdev: u64) -> u32 {
+        (((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff)) as u32
+    }
+
+    #[test]
+    fn gnu_tar_round_trip_every_kind_and_compression() {
+        let src = tempfile::tempdir().unwrap();
+        populate(src.path());
+        let flavors: [(&str, &[&str]); 4] = [
+            ("gnu", &["--format=gnu"]),
+            ("pax", &["--format=pax"]),
+            ("pax-sparse-0.0", &["--format=pax", "--sparse-version=0.0"]),
+            ("pax-sparse-0.1", &["--format=pax", "--sparse-version=0.1"]),
+        ];
+        for (format, options) in flavors {
+            let tarball = tar_with(src.path(), options);
+            let out = tempfile::tempdir().unwrap();
+            pipe(
+                "tar",
+                &["-xf", "-", "-C", out.path().to_str().unwrap()],
+                &tarball,
+            );
+            let sparse = |index: &Index| {
+                index
+                    .entries
+                    .iter()
+                    .filter(|e| {
+                        matches!(
+                            &e.kind,
+                            EntryKind::File {
+                                data: FileData::Sparse { .. },
+                                ..
+                            }
+                        )
+                    })
+                    .count()
+            };
+            let (index, reader) = index_blob(&tarball, Compression::None, 0);
+            assert_eq!(sparse(&index), 2, "{format}: sparse entries");
+            assert!(matches!(index.access, Access::Tar));
+            check_against_extraction(&index, &reader, out.path(), &format!("{format}/tar"));
+            let kinds: Vec<_> = index
+                .entries
+                .iter()
+                .map(|e| std::mem::discriminant(&e.kind))
+                .collect();
+            for kind in [
+                EntryKind::Fifo,
+                EntryKind::CharDevice { major: 0, minor: 0 },
+                EntryKind::BlockDevice { major: 0, minor: 0 },
+                EntryKind::Symlink { target: vec![] },
+                EntryKind::Hardlink { target: vec![] },
+                EntryKind::Dir,
+            ] {
+                assert!(
+                    kinds.contains(&std::mem::discriminant(&kind)),
+                    "{format}: missing {kind:?}"
+                );
+            }
+            if format.starts_with("pax") {
+                assert!(
+                    index.entries.iter().any(|e| e.mtime_nsec != 0),
+                    "pax mtime fractions"
+                );
+            }
+
+            let gz = gzip(&tarball, 6);
+            let (index, reader) = index_blob(&gz, Compression::Gzip, 128 * 1024);
+            let Access::Gzip { checkpoints } = &index.access else {
+                panic!("gzip access")
+            };
+            assert!(checkpoints.len() > 10);
+            assert_eq!(index.stream_size, tarball.len() as u64);
+            check_against_extraction(&index, &reader, out.path(), &format!("{format}/gzip"));
+
+            let zst = zstd::encode_all(&tarball[..], 3).unwrap();
+            let (index, reader) = index_blob(&zst, Compression::Zstd, 0);
+            assert!(matches!(index.access, Access::Spill));
+            assert_eq!(
+                index.block_digests.len() as u64,
+                (tarball.len() as u64).div_ceil(u64::from(BLOCK_SIZE))
+            );
+            assert_eq!(
+                index.block_digests[0],
+                *Digest::of(&tarball[..BLOCK_SIZE as usize]).as_bytes()
+            );
+            check_against_extraction(&index, &reader, out.path(), &format!("{format}/zstd"));
+        }
+    }
+
+    /// Random reads of the stream through a `Contiguous` view of all of it.
+    #[test]
+    fn gzip_random_reads_match_the_stream() {
+        let src = tempfile::tempdir().unwrap();
+        populate(src.path());
+        let tarball = tar_of(src.path(), "gnu");
+        let stream_size = tarball.len() as u64;
+        let whole = FileData::Contiguous { offset: 0 };
+        for level in [1, 9] {
+            let gz = gzip(&tarball, level);
+            let (index, reader) = index_blob(&gz, Compression::Gzip, 64 * 1024);
+            let Access::Gzip { checkpoints } = &index.access else {
+                panic!()
+            };
+            assert_eq!(checkpoints[0].out, 0);
+            let mut offsets = vec![0, stream_size - 1, stream_size - 100];
+            for cp in checkpoints.iter().skip(1) {
+                offsets.extend([cp.out - 1, cp.out, cp.out + 1, cp.out - 5000]);
+            }
+            let mut x = 88172645463325252u64;
+            for _ in 0..200 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                offsets.push(x % stream_size);
+            }
+            for (n, &off) in offsets.iter().enumerate() {
+                let len = [1, 4096, 128 * 1024, 700_000][n % 4];
+                let got = reader.read_file(stream_size, &whole, off, len).unwrap();
+                let end = (off as usize + len).min(tarball.len());
+                assert!(
+                    got == tarball[off as usize..end],
+                    "level {level} offset {off} len {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_readers_share_spans() {
+        let data: Vec<u8> = std::fs::read("/usr/bin/busybox").unwrap();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "busybox", &data[..])
+            .unwrap();
+        let tarball = builder.into_inner().unwrap();
+        let gz = gzip(&tarball, 6);
+        let (index, reader) = index_blob(&gz, Compression::Gzip, 64 * 1024);
+        let reader = Arc::new(reader);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (index, reader, data) = (Arc::clone(&index), Arc::clone(&reader), data.clone());
+                std::thread::spawn(move || {
+                    for round in 0..3 {
+                        let piece = 128 * 1024 + t * 1000 + round;
+                        assert!(read_whole(&index, &reader, b"busybox", piece) == data);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn multi_member_gzip_with_padding() {
+        let src = tempfile::tempdir().unwrap();
+        populate(src.path());
+        let tarball = tar_of(src.path(), "pax");
+        let cut = tarball.len() / 3 + 777;
+        let mut blob = gzip(&tarball[..cut], 9);
+        blob.extend(gzip(&tarball[cut..2 * cut], 1));
+        blob.extend(gzip(&tarball[2 * cut..], 6));
+        blob.extend([0u8; 4096]);
+        let (index, reader) = index_blob(&blob, Compression::Gzip, 128 * 1024);
+        assert_eq!(index.stream_size, tarball.len() as u64);
+        let out = tempfile::tempdir().unwrap();
+        pipe(
+            "tar",
+            &["-xf", "-", "-C", out.path().to_str().unwrap()],
+            &tarball,
+        );
+        check_against_extraction(&index, &reader, out.path(), "multi-member");
+    }
+
+    fn small_tar() -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(5);
+        header.set_mode(0o600);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "a/hello", &b"hello"[..])
+            .unwrap();
+        builder.into_inner().unwrap()
+    }
+
+    fn build(
+        blob: &[u8],
+        compression: Compression,
+        digest: Digest,
+        size: u64,
+    ) -> Result<Index, LayerError> {
+        let mut spill = Vec::new();
+        let spill_arg: Option<&mut (dyn Write + Send)> = if compression == Compression::Zstd {
+            Some(&mut spill)
+        } else {
+            None
+        };
+        build_index(
+            blob,
+            compression,
+            digest,
+            size,
+            spill_arg,
+            &IndexOptions::default(),
+        )
+    }
+
+    #[test]
+    fn wrong_blobs_are_refused() {
+        let tarball = small_tar();
+        let gz = gzip(&tarball, 6);
+        let d = Digest::of(&gz);
+        let n = gz.len() as u64;
+        assert!(build(&gz, Compression::Gzip, d, n).is_ok());
+        assert!(matches!(
+            build(&gz, Compression::Gzip, Digest::of(b"other"), n),
+            Err(LayerError::DigestMismatch { .. })
+        ));
+        assert!(matches!(
+            build(&gz[..gz.len() - 3], Compression::Gzip, d, n),
+            Err(LayerError::SizeMismatch { actual, .. }) if actual == n - 3
+        ));
+        let mut longer = gz.clone();
+        longer.extend([1, 2, 3]);
+        assert!(matches!(
+            build(&longer, Compression::Gzip, d, n),
+            Err(LayerError::SizeMismatch { actual, .. }) if actual == n + 1
+        ));
+        // Right size and digest, but not what the media type says.
+        let truncated = &gz[..gz.len() / 2];
+        let r = build(
+            truncated,
+            Compression::Gzip,
+            Digest::of(truncated),
+            truncated.len() as u64,
+        );
+        assert!(
+            matches!(r, Err(LayerError::Compression { format: "gzip", .. })),
+            "{r:?}"
+        );
+        let garbage = b"this is no gzip data, nor a tar".repeat(100);
+        for c in [Compression::Gzip, Compression::Zstd, Compression::None] {
+            let r = build(&garbage, c, Digest::of(&garbage), garbage.len() as u64);
+            assert!(
+                matches!(
+                    r,
+                    Err(LayerError::Compression { .. } | LayerError::Tar { .. })
+                ),
+                "{c:?}: {r:?}"
+            );
+        }
+        let cut_tar = &tarball[..700];
+        let r = build(cut_tar, Compression::None, Digest::of(cut_tar), 700);
+        assert!(matches!(r, Err(LayerError::Tar { .. })), "{r:?}");
+        let r = build_index(
+            &tarball[..],
+            Compression::Zstd,
+            d,
+            n,
+            None,
+            &IndexOptions::default(),
+        );
+        assert!(matches!(r, Err(LayerError::Unsupported { .. })));
+        // A registry that breaks the connection.
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"))
+            }
+        }
+        let r = build_index(
+            Failing,
+            Compression::Gzip,
+            d,
+            n,
+            None,
+            &IndexOptions::default(),
+        );
+        assert!(matches!(r, Err(LayerError::Io { .. })));
+    }
+
+    #[test]
+    fn empty_and_padded_layers() {
+        // An empty tar (just the end marker), then one with extra zero padding.
+        let mut tarball = small_tar();
+        let (index, _) = index_blob(&tarball, Compression::None, 0);
+        assert_eq!(index.entries.len(), 1);
+        tarball.extend([0u8; 10240]);
+        let (index, _) = index_blob(&gzip(&tarball, 6), Compression::Gzip, 0);
+        assert_eq!(index.entries.len(), 1);
+        assert_eq!(index.stream_size, tarball.len() as u64);
+        let (index, _) = index_blob(&[0u8; 1024], Compression::None, 0);
+        assert!(index.entries.is_empty());
+    }
+
+    #[test]
+    fn encode_decode_round_trip_and_rejection() {
+        let src = tempfile::tempdir().unwrap();
+        populate(src.path());
+        let tarball = tar_of(src.path(), "pax");
+        let (index, _) = index_blob(&gzip(&tarball, 6), Compression::Gzip, 64 * 1024);
+        let bytes = index.encode().unwrap();
+        let back = Index::decode(&bytes).unwrap();
+        assert_eq!(back.entries, index.entries);
+        assert_eq!(back.block_digests, index.block_digests);
+        assert_eq!(format!("{:?}", back.access), format!("{:?}", index.access));
+        assert_eq!(
+            (back.blob_size, back.stream_size),
+            (index.blob_size, index.stream_size)
+        );
+
+        let bad = |b: &[u8]| matches!(Index::decode(b), Err(LayerError::BadIndex(_)));
+        assert!(bad(b""));
+        assert!(bad(b"IMGFSID"));
+        assert!(bad(&bytes[..bytes.len() / 2]));
+        let mut other_version = bytes.clone();
+        other_version[8] = other_version[8].wrapping_add(1);
+        assert!(bad(&other_version));
+        let mut wrong_magic = bytes.clone();
+        wrong_magic[0] = b'X';
+        assert!(bad(&wrong_magic));
+        let mut garbage = bytes[..INDEX_HEADER_LEN].to_vec();
+        garbage.extend(b"garbage garbage garbage");
+        assert!(bad(&garbage));
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        assert!(bad(&flipped));
+        // A well-formed body that breaks the invariants is refused too.
+        let mut broken = (*index).clone();
+        broken.block_digests.pop();
+        assert!(bad(&broken.encode().unwrap()));
+    }
+
+    /// Prints the index size and indexing throughput for a tar of a real tree
+    /// (`IMGFS_BENCH_DIR`, default /usr/lib), gzip -6. Run in release mode:
+    /// `cargo test --release --lib index_size_and_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn index_size_and_throughput() {
+        let dir = std::env::var("IMGFS_BENCH_DIR").unwrap_or_else(|_| "/usr/lib".into());
+        let work = tempfile::tempdir().unwrap();
+        let gz_path = work.path().join("layer.tar.gz");
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "tar -C '{dir}' -cf - . 2>/dev/null | gzip -6 > '{}'",
+                gz_path.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success() || gz_path.exists());
+        let blob = std::fs::read(&gz_path).unwrap();
+        let digest = Digest::of(&blob);
+        let started = std::time::Instant::now();
+        let index = build_index(
+            &blob[..],
+            Compression::Gzip,
+            digest,
+            blob.len() as u64,
+            None,
+            &IndexOptions::default(),
+        )
+        .unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        let encoded = index.encode().unwrap();
+        let Access::Gzip { checkpoints } = &index.access else {
+            panic!()
+        };
+        eprintln!(
+            "{dir}: blob {} B, stream {} B, {} entries, {} checkpoints; index {} B = {:.3} % of the stream; \
+             indexing {:.1} s = {:.0} MB/s compressed, {:.0} MB/s uncompressed",
+            blob.len(),
+            index.stream_size,
+            index.entries.len(),
+            checkpoints.len(),
+            encoded.len(),
+            100.0 * encoded.len() as f64 / index.stream_size as f64,
+            secs,
+            blob.len() as f64 / secs / 1e6,
+            index.stream_size as f64 / secs / 1e6,
+        );
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "gzip -dc '{}' | tar -tf - > /dev/null",
+                gz_path.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        eprintln!(
+            "gzip -dc | tar -t: {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
 }

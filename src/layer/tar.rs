@@ -1081,3 +1081,530 @@ fn padded(size: u64) -> Option<u64> {
 fn clamp(remaining: u64, available: usize) -> usize {
     usize::try_from(remaining).map_or(available, |r| r.min(available))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn octal(field: &mut [u8], value: u64) {
+        let text = format!("{value:0width$o}", width = field.len() - 1);
+        field[..text.len()].copy_from_slice(text.as_bytes());
+        field[text.len()..].fill(0);
+    }
+
+    fn set_checksum(hdr: &mut [u8; BLOCK]) {
+        hdr[field::CHKSUM].fill(b' ');
+        let sum: u64 = hdr.iter().map(|&b| u64::from(b)).sum();
+        let text = format!("{sum:06o}\0 ");
+        hdr[field::CHKSUM].copy_from_slice(text.as_bytes());
+    }
+
+    /// A ustar header with the given fields; `tweak` edits it before the checksum.
+    fn header(
+        name: &[u8],
+        flag: u8,
+        size: u64,
+        tweak: impl FnOnce(&mut [u8; BLOCK]),
+    ) -> [u8; BLOCK] {
+        let mut hdr = [0u8; BLOCK];
+        hdr[..name.len()].copy_from_slice(name);
+        octal(&mut hdr[field::MODE], 0o644);
+        octal(&mut hdr[field::UID], 1000);
+        octal(&mut hdr[field::GID], 100);
+        octal(&mut hdr[field::SIZE], size);
+        octal(&mut hdr[field::MTIME], 1_700_000_000);
+        hdr[field::TYPEFLAG] = flag;
+        hdr[field::MAGIC].copy_from_slice(MAGIC_USTAR);
+        hdr[field::VERSION].copy_from_slice(b"00");
+        tweak(&mut hdr);
+        set_checksum(&mut hdr);
+        hdr
+    }
+
+    /// Appends a header and its data, padded.
+    fn push(out: &mut Vec<u8>, hdr: [u8; BLOCK], data: &[u8]) {
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(data);
+        out.resize(out.len() + padding(data.len() as u64) as usize, 0);
+    }
+
+    fn pax_records(records: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (key, value) in records {
+            let body_len = key.len() + value.len() + 3; // ' ', '=', '\n'
+            let mut len = body_len + 1;
+            while len != body_len + len.to_string().len() {
+                len = body_len + len.to_string().len();
+            }
+            out.extend_from_slice(format!("{len} ").as_bytes());
+            out.extend_from_slice(key);
+            out.push(b'=');
+            out.extend_from_slice(value);
+            out.push(b'\n');
+        }
+        out
+    }
+
+    fn end(out: &mut Vec<u8>) {
+        out.extend_from_slice(&[0u8; 2 * BLOCK]);
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Vec<Entry>, TarError> {
+        let mut parser = TarParser::new();
+        parser.feed(bytes)?;
+        parser.finish()
+    }
+
+    /// Parses in 1-byte and odd-sized pieces too; all must agree.
+    fn parse_all_ways(bytes: &[u8]) -> Result<Vec<Entry>, TarError> {
+        let whole = parse(bytes);
+        for piece in [1, 7, 511, 513] {
+            let mut parser = TarParser::new();
+            let split = bytes
+                .chunks(piece)
+                .try_for_each(|c| parser.feed(c))
+                .and_then(|()| parser.finish());
+            assert_eq!(split, whole, "piece size {piece}");
+        }
+        whole
+    }
+
+    #[test]
+    fn tar_crate_archive_with_long_names_and_pax() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let long = format!("{}/{}", "dir".repeat(40), "file".repeat(30));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o100755);
+        h.set_mtime(1_600_000_000);
+        builder.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        builder
+            .append_link(&mut h, "short-link", "target/".repeat(30))
+            .unwrap();
+        builder
+            .append_pax_extensions([
+                ("SCHILY.xattr.user.bin", &b"a\nb\0c"[..]),
+                ("SCHILY.xattr.security.capability", &b"\x01\x00\x00\x02"[..]),
+                ("mtime", &b"1600000000.123456789"[..]),
+                ("uid", &b"4000000000"[..]),
+                ("path", &b"pax/named"[..]),
+            ])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o6755);
+        builder
+            .append_data(&mut h, "ignored-name", &b"hi"[..])
+            .unwrap();
+        let bytes = builder.into_inner().unwrap();
+
+        let entries = parse_all_ways(&bytes).unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].path, long.as_bytes());
+        assert_eq!(entries[0].mode, 0o755);
+        assert_eq!(entries[0].mtime, 1_600_000_000);
+        let EntryKind::File {
+            size: 3,
+            data: FileData::Contiguous { offset },
+        } = entries[0].kind
+        else {
+            panic!("{:?}", entries[0].kind)
+        };
+        assert_eq!(&bytes[offset as usize..offset as usize + 3], b"abc");
+        assert_eq!(
+            entries[1].kind,
+            EntryKind::Symlink {
+                target: "target/".repeat(30).into_bytes()
+            }
+        );
+        let e = &entries[2];
+        assert_eq!(e.path, b"pax/named");
+        assert_eq!(
+            (e.mtime, e.mtime_nsec, e.uid, e.mode),
+            (1_600_000_000, 123_456_789, 4_000_000_000, 0o6755)
+        );
+        assert_eq!(
+            e.xattrs,
+            vec![
+                (b"user.bin".to_vec(), b"a\nb\0c".to_vec()),
+                (
+                    b"security.capability".to_vec(),
+                    b"\x01\x00\x00\x02".to_vec()
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn hand_made_headers() {
+        let mut t = Vec::new();
+        push(
+            &mut t,
+            header(b"../../etc/passwd", typeflag::REG, 4, |_| {}),
+            b"root",
+        );
+        push(&mut t, header(b"/abs/dir/", typeflag::DIR, 0, |_| {}), b"");
+        push(
+            &mut t,
+            header(b"old-style-dir/", typeflag::REG_OLD, 0, |_| {}),
+            b"",
+        );
+        push(
+            &mut t,
+            header(b"contiguous", typeflag::CONT, 1, |_| {}),
+            b"c",
+        );
+        push(
+            &mut t,
+            header(b"hard", typeflag::LINK, 0, |h| {
+                h[field::LINKNAME][..8].copy_from_slice(b"../x/./y")
+            }),
+            b"",
+        );
+        push(
+            &mut t,
+            header(b"dev", typeflag::BLOCK, 0, |h| {
+                octal(&mut h[field::DEVMAJOR], 8);
+                octal(&mut h[field::DEVMINOR], 17);
+            }),
+            b"",
+        );
+        // Base-256 uid (GNU) and a negative base-256 mtime.
+        push(
+            &mut t,
+            header(b"big-ids", typeflag::FIFO, 0, |h| {
+                h[field::UID].copy_from_slice(&[0x80, 0, 0, 0, 0xfe, 0xdc, 0xba, 0x98]);
+                h[field::MTIME].fill(0xff);
+            }),
+            b"",
+        );
+        // ustar prefix, then a star prefix.
+        push(
+            &mut t,
+            header(b"name", typeflag::REG, 0, |h| {
+                h[field::PREFIX][..6].copy_from_slice(b"prefix")
+            }),
+            b"",
+        );
+        push(
+            &mut t,
+            header(b"name", typeflag::REG, 0, |h| {
+                h[field::STAR_PREFIX][..4].copy_from_slice(b"star");
+                h[field::STAR_TRAILER].copy_from_slice(TRAILER_STAR);
+            }),
+            b"",
+        );
+        // Unknown type and a global header are skipped with their data.
+        push(&mut t, header(b"volume", b'V', 600, |_| {}), &[7u8; 600]);
+        let global = pax_records(&[(b"path", b"global-path"), (b"mtime", b"5")]);
+        push(
+            &mut t,
+            header(b"global", typeflag::PAX_GLOBAL, global.len() as u64, |_| {}),
+            &global,
+        );
+        // PAX size overrides the header's; negative fractional mtime.
+        let pax = pax_records(&[
+            (b"size", b"5"),
+            (b"mtime", b"-1.25"),
+            (b"linkpath", b"unused"),
+        ]);
+        push(
+            &mut t,
+            header(b"pax", typeflag::PAX, pax.len() as u64, |_| {}),
+            &pax,
+        );
+        push(
+            &mut t,
+            header(b"sized-by-pax", typeflag::REG, 0, |_| {}),
+            b"12345",
+        );
+        end(&mut t);
+        t.extend_from_slice(&[0u8; 3000]); // padding after the end marker
+
+        let entries = parse_all_ways(&t).unwrap();
+        let paths: Vec<&[u8]> = entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(
+            paths,
+            [
+                &b"etc/passwd"[..],
+                b"abs/dir",
+                b"old-style-dir",
+                b"contiguous",
+                b"hard",
+                b"dev",
+                b"big-ids",
+                b"prefix/name",
+                b"star/name",
+                b"sized-by-pax"
+            ]
+        );
+        assert!(matches!(entries[0].kind, EntryKind::File { size: 4, .. }));
+        assert_eq!(entries[2].kind, EntryKind::Dir);
+        assert!(matches!(entries[3].kind, EntryKind::File { size: 1, .. }));
+        assert_eq!(
+            entries[4].kind,
+            EntryKind::Hardlink {
+                target: b"x/y".to_vec()
+            }
+        );
+        assert_eq!(
+            entries[5].kind,
+            EntryKind::BlockDevice {
+                major: 8,
+                minor: 17
+            }
+        );
+        assert_eq!((entries[6].uid, entries[6].mtime), (0xfedc_ba98, -1));
+        let last = &entries[9];
+        assert_eq!((last.mtime, last.mtime_nsec), (-2, 750_000_000));
+        let EntryKind::File {
+            size: 5,
+            data: FileData::Contiguous { offset },
+        } = last.kind
+        else {
+            panic!()
+        };
+        assert_eq!(&t[offset as usize..offset as usize + 5], b"12345");
+        assert_eq!(entries[1].uid, 1000);
+        assert_eq!(entries[1].gid, 100);
+    }
+
+    fn expect_invalid(bytes: &[u8], what: &str) {
+        match parse(bytes) {
+            Err(TarError::Invalid { .. }) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_archives_are_errors() {
+        let good = {
+            let mut t = Vec::new();
+            push(&mut t, header(b"f", typeflag::REG, 3, |_| {}), b"abc");
+            end(&mut t);
+            t
+        };
+        assert_eq!(parse(&good).unwrap().len(), 1);
+
+        let mut bad_sum = good.clone();
+        bad_sum[0] = b'g';
+        match parse(&bad_sum) {
+            Err(TarError::Invalid { offset: 0, reason }) => assert!(reason.contains("checksum")),
+            other => panic!("{other:?}"),
+        }
+        expect_invalid(&good[..300], "truncated header");
+        expect_invalid(&good[..BLOCK + 2], "truncated data");
+        let mut zero_then_header = vec![0u8; BLOCK];
+        zero_then_header.extend_from_slice(&good);
+        expect_invalid(&zero_then_header, "zero block then a header");
+
+        let mut huge_pax = Vec::new();
+        huge_pax.extend_from_slice(&header(b"pax", typeflag::PAX, MAX_META_SIZE + 1, |_| {}));
+        expect_invalid(&huge_pax, "pax header too large");
+        let mut huge_name = Vec::new();
+        huge_name.extend_from_slice(&header(
+            b"././@LongLink",
+            typeflag::GNU_LONGNAME,
+            0o777_7777_7777,
+            |_| {},
+        ));
+        expect_invalid(&huge_name, "long name too large");
+
+        for (records, what) in [
+            (b"99 path=x\n".to_vec(), "length past the end"),
+            (b"5 path=x\n".to_vec(), "length too short"),
+            (b"x path=y\n".to_vec(), "length not a number"),
+            (b"10 pathxx\n".to_vec(), "no ="),
+            (b"10 path=xx".to_vec(), "no newline"),
+            (pax_records(&[(b"uid", b"-5")]), "negative uid"),
+            (pax_records(&[(b"uid", b"99999999999")]), "uid out of range"),
+            (pax_records(&[(b"mtime", b"12x")]), "bad mtime"),
+            (
+                pax_records(&[(b"size", b"99999999999999999999999")]),
+                "size overflow",
+            ),
+        ] {
+            let mut t = Vec::new();
+            push(
+                &mut t,
+                header(b"pax", typeflag::PAX, records.len() as u64, |_| {}),
+                &records,
+            );
+            push(&mut t, header(b"f", typeflag::REG, 0, |_| {}), b"");
+            end(&mut t);
+            expect_invalid(&t, what);
+        }
+
+        // Sizes that cannot be: negative (base-256) and beyond the stream.
+        let mut negative = Vec::new();
+        negative.extend_from_slice(&header(b"f", typeflag::REG, 0, |h| {
+            h[field::SIZE].fill(0xff)
+        }));
+        expect_invalid(&negative, "negative size");
+        let mut absurd = Vec::new();
+        absurd.extend_from_slice(&header(b"f", typeflag::REG, 0, |h| {
+            h[field::SIZE].copy_from_slice(&[
+                0x80, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ]);
+        }));
+        expect_invalid(&absurd, "size beyond the stream");
+        let mut bad_octal = Vec::new();
+        bad_octal.extend_from_slice(&header(b"f", typeflag::REG, 0, |h| {
+            h[field::MODE][..3].copy_from_slice(b"9x9")
+        }));
+        expect_invalid(&bad_octal, "mode not octal");
+    }
+
+    #[test]
+    fn pax_sparse_flavors() {
+        // 0.1: map in a record; data of the segments follows directly.
+        let records = pax_records(&[
+            (b"GNU.sparse.major", b"0"),
+            (b"GNU.sparse.minor", b"1"),
+            (b"GNU.sparse.name", b"real/name"),
+            (b"GNU.sparse.size", b"10000"),
+            (b"GNU.sparse.map", b"100,3,5000,2"),
+        ]);
+        let mut t = Vec::new();
+        push(
+            &mut t,
+            header(b"pax", typeflag::PAX, records.len() as u64, |_| {}),
+            &records,
+        );
+        push(
+            &mut t,
+            header(b"GNUSparseFile.1/name", typeflag::REG, 5, |_| {}),
+            b"abcde",
+        );
+        end(&mut t);
+        let entries = parse_all_ways(&t).unwrap();
+        assert_eq!(entries[0].path, b"real/name");
+        let EntryKind::File {
+            size: 10000,
+            data: FileData::Sparse { segments },
+        } = &entries[0].kind
+        else {
+            panic!("{:?}", entries[0].kind)
+        };
+        let data_at = 3 * BLOCK as u64;
+        assert_eq!(
+            segments,
+            &[
+                Segment {
+                    file_offset: 100,
+                    stream_offset: data_at,
+                    len: 3
+                },
+                Segment {
+                    file_offset: 5000,
+                    stream_offset: data_at + 3,
+                    len: 2
+                }
+            ]
+        );
+
+        // 1.0: map at the start of the data, padded to a block.
+        let records = pax_records(&[
+            (b"GNU.sparse.major", b"1"),
+            (b"GNU.sparse.minor", b"0"),
+            (b"GNU.sparse.name", b"one"),
+            (b"GNU.sparse.realsize", b"4096"),
+        ]);
+        let mut data = b"2\n0\n2\n4000\n3\n".to_vec();
+        data.resize(BLOCK, 0);
+        data.extend_from_slice(b"xyzzz");
+        let mut t = Vec::new();
+        push(
+            &mut t,
+            header(b"pax", typeflag::PAX, records.len() as u64, |_| {}),
+            &records,
+        );
+        push(
+            &mut t,
+            header(
+                b"GNUSparseFile.1/one",
+                typeflag::REG,
+                data.len() as u64,
+                |_| {},
+            ),
+            &data,
+        );
+        end(&mut t);
+        let entries = parse_all_ways(&t).unwrap();
+        let EntryKind::File {
+            size: 4096,
+            data: FileData::Sparse { segments },
+        } = &entries[0].kind
+        else {
+            panic!()
+        };
+        let data_at = 4 * BLOCK as u64;
+        assert_eq!(
+            segments[0],
+            Segment {
+                file_offset: 0,
+                stream_offset: data_at,
+                len: 2
+            }
+        );
+        assert_eq!(
+            segments[1],
+            Segment {
+                file_offset: 4000,
+                stream_offset: data_at + 2,
+                len: 3
+            }
+        );
+
+        // Unknown versions are refused by name; inconsistent maps are invalid.
+        let records = pax_records(&[(b"GNU.sparse.major", b"2"), (b"GNU.sparse.minor", b"0")]);
+        let mut t = Vec::new();
+        push(
+            &mut t,
+            header(b"pax", typeflag::PAX, records.len() as u64, |_| {}),
+            &records,
+        );
+        push(&mut t, header(b"odd", typeflag::REG, 0, |_| {}), b"");
+        end(&mut t);
+        match parse(&t) {
+            Err(TarError::Unsupported { what }) => {
+                assert!(what.contains("odd") && what.contains("2.0"))
+            }
+            other => panic!("{other:?}"),
+        }
+        for map in [
+            &b"100,3,50,2"[..],
+            b"100,3,5000",
+            b"9999,3",
+            b"100,4,5000,2",
+        ] {
+            let records = pax_records(&[(b"GNU.sparse.size", b"10000"), (b"GNU.sparse.map", map)]);
+            let mut t = Vec::new();
+            push(
+                &mut t,
+                header(b"pax", typeflag::PAX, records.len() as u64, |_| {}),
+                &records,
+            );
+            push(&mut t, header(b"s", typeflag::REG, 5, |_| {}), b"abcde");
+            end(&mut t);
+            expect_invalid(&t, &String::from_utf8_lossy(map));
+        }
+        let mut t = Vec::new();
+        let records = pax_records(&[
+            (b"GNU.sparse.major", b"1"),
+            (b"GNU.sparse.minor", b"0"),
+            (b"GNU.sparse.realsize", b"9"),
+        ]);
+        push(
+            &mut t,
+            header(b"pax", typeflag::PAX, records.len() as u64, |_| {}),
+            &records,
+        );
+        push(&mut t, header(b"s", typeflag::REG, 4, |_| {}), b"1\n0\n");
+        end(&mut t);
+        expect_invalid(&t, "1.0 map running past the data");
+    }
+}

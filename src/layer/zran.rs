@@ -501,3 +501,183 @@ fn next_member<'a>(stream: &mut Stream, input: &'a [u8]) -> Result<Option<&'a [u
     stream.reset(WBITS_RAW)?;
     Ok(Some(input))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::Compression as Level;
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    /// Compressible but varied content: a real binary, repeated with changes.
+    fn sample(len: usize) -> Vec<u8> {
+        let base =
+            std::fs::read("/usr/bin/busybox").unwrap_or_else(|_| b"fallback text ".repeat(4096));
+        let mut out = Vec::with_capacity(len);
+        let mut round = 0u8;
+        while out.len() < len {
+            out.extend(base.iter().map(|b| b.wrapping_add(round)));
+            round = round.wrapping_add(1);
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// GNU gzip, as most layers are made; zlib-rs's own level 1 writes a
+    /// single block for megabytes, which leaves nothing to checkpoint.
+    fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+        let mut child = Command::new("gzip")
+            .arg(format!("-{level}"))
+            .arg("-c")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("gzip runs");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = data.to_vec();
+        let feeder = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap().unwrap();
+        assert!(out.status.success());
+        out.stdout
+    }
+
+    fn index(blob: &[u8], spacing: u64, piece: usize) -> Result<(GzipIndex, Vec<u8>), ZranError> {
+        let mut indexer = GzipIndexer::new(spacing)?;
+        let mut out = Vec::new();
+        for chunk in blob.chunks(piece) {
+            indexer.feed(chunk, |bytes: &[u8]| -> Result<(), ZranError> {
+                out.extend_from_slice(bytes);
+                Ok(())
+            })?;
+        }
+        Ok((indexer.finish()?, out))
+    }
+
+    fn span_input<'a>(blob: &'a [u8], cps: &[Checkpoint], i: usize) -> &'a [u8] {
+        let start = (cps[i].inp - lead_in(&cps[i])) as usize;
+        let end = cps
+            .get(i + 1)
+            .map_or(blob.len(), |n| (n.inp as usize + 1).min(blob.len()));
+        &blob[start..end]
+    }
+
+    #[test]
+    fn checkpoints_resume_exactly() {
+        let data = sample(6 << 20);
+        for level in [1, 6, 9] {
+            let blob = gzip(&data, level);
+            let (idx, out) = index(&blob, 256 << 10, 100_000).unwrap();
+            assert_eq!(out, data);
+            assert_eq!(idx.stream_size, data.len() as u64);
+            let cps = &idx.checkpoints;
+            assert_eq!(cps[0].out, 0);
+            assert!(cps.len() > 15, "level {level}: {} checkpoints", cps.len());
+            assert!(cps.iter().any(|c| c.bits > 0), "no checkpoint mid-byte");
+            for i in 0..cps.len() {
+                let end = cps.get(i + 1).map_or(data.len() as u64, |n| n.out);
+                let want = (end - cps[i].out) as usize;
+                let got = inflate_from(&cps[i], span_input(&blob, cps, i), 0, want).unwrap();
+                assert_eq!(
+                    got,
+                    &data[cps[i].out as usize..end as usize],
+                    "level {level} span {i}"
+                );
+            }
+            // Skipping inside a span, and reading past its end into the next.
+            let cp = &cps[3];
+            let from = (cp.inp - lead_in(cp)) as usize;
+            let got = inflate_from(cp, &blob[from..], 12345, 400_000).unwrap();
+            let at = cp.out as usize + 12345;
+            assert_eq!(got, &data[at..at + 400_000]);
+        }
+    }
+
+    #[test]
+    fn huge_deflate_blocks_still_index() {
+        let data = sample(3 << 20);
+        let mut enc = GzEncoder::new(Vec::new(), Level::new(1));
+        enc.write_all(&data).unwrap();
+        let blob = enc.finish().unwrap();
+        let (idx, out) = index(&blob, 64 << 10, 8192).unwrap();
+        assert_eq!(out, data);
+        let cp = idx.checkpoints.last().unwrap();
+        let from = (cp.inp - lead_in(cp)) as usize;
+        let got = inflate_from(cp, &blob[from..], 0, data.len()).unwrap();
+        assert_eq!(got, &data[cp.out as usize..]);
+    }
+
+    #[test]
+    fn multi_member_and_padding() {
+        let data = sample(3 << 20);
+        let cut = 1_234_567;
+        let mut blob = gzip(&data[..cut], 6);
+        blob.extend(gzip(&data[cut..], 1));
+        blob.extend([0u8; 1000]);
+        let (idx, out) = index(&blob, 128 << 10, 65536).unwrap();
+        assert_eq!(out, data);
+        let cps = &idx.checkpoints;
+        // Resume in the first member and read across the member boundary to the end.
+        let i = cps
+            .iter()
+            .rposition(|c| c.out < cut as u64 - 10_000)
+            .unwrap();
+        let from = (cps[i].inp - lead_in(&cps[i])) as usize;
+        let got = inflate_from(&cps[i], &blob[from..], 0, data.len()).unwrap();
+        assert_eq!(got, &data[cps[i].out as usize..]);
+        // Garbage (not zeros) after the last member is refused.
+        let mut bad = gzip(&data[..1000], 6);
+        bad.extend(b"trailing junk");
+        assert!(index(&bad, 1 << 20, 4096).is_err());
+    }
+
+    #[test]
+    fn broken_streams_are_errors() {
+        let data = sample(1 << 20);
+        let blob = gzip(&data, 6);
+        assert!(
+            index(&blob[..blob.len() / 2], 1 << 20, 4096).is_err(),
+            "truncated"
+        );
+        assert!(index(&[], 1 << 20, 4096).is_err(), "empty");
+        assert!(
+            index(b"not a gzip stream at all", 1 << 20, 4096).is_err(),
+            "garbage"
+        );
+        let mut flipped = blob.clone();
+        for b in &mut flipped[100..200] {
+            *b ^= 0x5a;
+        }
+        assert!(index(&flipped, 1 << 20, 4096).is_err(), "corrupt");
+
+        let (idx, _) = index(&blob, 64 << 10, 65536).unwrap();
+        let cp = &idx.checkpoints[2];
+        let invalid_blocks = vec![0xffu8; 4096];
+        assert!(inflate_from(cp, &invalid_blocks, 0, 100_000).is_err());
+        let mut bad_window = cp.clone();
+        bad_window.window = b"not zstd".to_vec();
+        assert!(inflate_from(&bad_window, span_input(&blob, &idx.checkpoints, 2), 0, 10).is_err());
+        let mut bad_bits = cp.clone();
+        bad_bits.bits = 9;
+        assert!(inflate_from(&bad_bits, span_input(&blob, &idx.checkpoints, 2), 0, 10).is_err());
+        // Random bytes: an error or some output, never a panic.
+        let mut noise = 0x1234_5678_u32;
+        let random: Vec<u8> = (0..50_000)
+            .map(|_| {
+                noise ^= noise << 13;
+                noise ^= noise >> 17;
+                noise ^= noise << 5;
+                noise as u8
+            })
+            .collect();
+        for cp in &idx.checkpoints {
+            let _ = inflate_from(cp, &random, 0, 1 << 20);
+        }
+        // Input that ends early gives fewer bytes, not an error.
+        let short = &span_input(&blob, &idx.checkpoints, 2)[..1000];
+        let got = inflate_from(cp, short, 0, 1 << 20).unwrap();
+        assert!(!got.is_empty() && got.len() < 1 << 20);
+        assert_eq!(got, &data[cp.out as usize..cp.out as usize + got.len()]);
+    }
+}
