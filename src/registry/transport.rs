@@ -308,7 +308,8 @@ impl Inner {
             }
             let kind = match code {
                 404 => ErrorKind::NotFound { detail },
-                401 => self.unauthorized(ctx.registry, Status(code), detail),
+                // Off-origin (a CDN's expired signature) is not a login problem.
+                401 if at_origin => self.unauthorized(ctx.registry, Status(code), detail),
                 403 => ErrorKind::Denied { detail },
                 _ => ErrorKind::Status {
                     status: Status(code),
