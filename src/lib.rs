@@ -30,3 +30,4 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod union;
+pub mod upper;
