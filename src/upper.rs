@@ -1754,4 +1754,64 @@ mod tests {
         }
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1);
     }
+
+    /// Unmounts on drop, so a failed assertion leaves no mount behind.
+    struct MountGuard(PathBuf);
+
+    impl Drop for MountGuard {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+
+    #[test]
+    fn kernel_overlayfs_reads_this_upper() {
+        let (t, root, upper) = new_upper();
+        let (lower, work, merged) = (
+            t.path().join("lower"),
+            t.path().join("w"),
+            t.path().join("m"),
+        );
+        for d in [&lower.join("d"), &work, &merged] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for f in ["a", "b", "d/x", "d/y"] {
+            std::fs::write(lower.join(f), b"lower").unwrap();
+        }
+        upper.whiteout(b"", b"a").unwrap();
+        upper
+            .copy_up_file(b"", b"b", &meta(0o644), 3, &mut |_, n| Ok(vec![b'u'; n]))
+            .unwrap();
+        upper.ensure_dirs(b"d", &|_| meta(0o755)).unwrap();
+        upper.set_opaque(b"d").unwrap();
+        upper
+            .copy_up_file(b"d", b"z", &meta(0o644), 1, &mut |_, n| Ok(vec![b'z'; n]))
+            .unwrap();
+        let ns = if upper.is_root_namespace() {
+            ""
+        } else {
+            ",userxattr"
+        };
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}{ns}",
+            lower.display(),
+            root.display(),
+            work.display()
+        );
+        let opts = std::ffi::CString::new(opts).unwrap();
+        let flags = rustix::mount::MountFlags::empty();
+        if let Err(e) = rustix::mount::mount("overlay", &merged, "overlay", flags, &*opts) {
+            eprintln!("skipping: cannot mount overlayfs here: {e}");
+            return;
+        }
+        let _guard = MountGuard(merged.clone());
+        assert!(!merged.join("a").exists(), "whiteout hides the lower file");
+        assert_eq!(std::fs::read(merged.join("b")).unwrap(), b"uuu");
+        let mut names: Vec<_> = std::fs::read_dir(merged.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["z"], "the opaque dir hides lower children");
+    }
 }
