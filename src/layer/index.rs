@@ -79,13 +79,21 @@ pub fn build_index<R: Read + Send>(
     let hash_blocks = compression != Compression::Zstd;
     let (tx, rx) = sync_channel(PIPELINE_DEPTH);
     let (decoded, hashed) = std::thread::scope(|scope| {
-        let reader = scope.spawn(move || read_and_hash(compressed, expected_size, hash_blocks, tx));
+        let reader = std::thread::Builder::new()
+            .name("imgfs-hash".into())
+            .spawn_scoped(scope, move || {
+                read_and_hash(compressed, expected_size, hash_blocks, tx)
+            })
+            .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
         let decoded = decode(rx, compression, spacing, spill);
-        (decoded, reader.join())
-    });
-    let hashed = hashed.map_err(|_| LayerError::Io {
+        let hashed = reader
+            .join()
+            .map_err(|_| "the blob hashing thread panicked".to_string())?;
+        Ok::<_, String>((decoded, hashed))
+    })
+    .map_err(|reason| LayerError::Io {
         digest,
-        source: io::Error::other("the blob hashing thread panicked"),
+        source: io::Error::other(reason),
     })?;
     if let Some(source) = hashed.error {
         return Err(LayerError::Io { digest, source });
@@ -1155,23 +1163,31 @@ mod tests {
     }
 
     /// Prints the index size and indexing throughput for a tar of a real tree
-    /// (`IMGFS_BENCH_DIR`, default /usr/lib), gzip -6. Run in release mode:
+    /// (`IMGFS_BENCH_DIR`, default /usr/lib), gzip -6, or for a ready
+    /// `IMGFS_BENCH_GZ` file. Run in release mode:
     /// `cargo test --release --lib index_size_and_throughput -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn index_size_and_throughput() {
-        let dir = std::env::var("IMGFS_BENCH_DIR").unwrap_or_else(|_| "/usr/lib".into());
         let work = tempfile::tempdir().unwrap();
-        let gz_path = work.path().join("layer.tar.gz");
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "tar -C '{dir}' -cf - . 2>/dev/null | gzip -6 > '{}'",
-                gz_path.display()
-            ))
-            .status()
-            .unwrap();
-        assert!(status.success() || gz_path.exists());
+        let gz_path = match std::env::var("IMGFS_BENCH_GZ") {
+            Ok(path) => std::path::PathBuf::from(path),
+            Err(_) => {
+                let dir = std::env::var("IMGFS_BENCH_DIR").unwrap_or_else(|_| "/usr/lib".into());
+                let gz_path = work.path().join("layer.tar.gz");
+                let script = format!(
+                    "tar -C '{dir}' -cf - . 2>/dev/null | gzip -6 > '{}'",
+                    gz_path.display()
+                );
+                let status = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(script)
+                    .status()
+                    .unwrap();
+                assert!(status.success() || gz_path.exists());
+                gz_path
+            }
+        };
         let blob = std::fs::read(&gz_path).unwrap();
         let digest = Digest::of(&blob);
         let started = std::time::Instant::now();
@@ -1190,8 +1206,9 @@ mod tests {
             panic!()
         };
         eprintln!(
-            "{dir}: blob {} B, stream {} B, {} entries, {} checkpoints; index {} B = {:.3} % of the stream; \
+            "{}: blob {} B, stream {} B, {} entries, {} checkpoints; index {} B = {:.3} % of the stream; \
              indexing {:.1} s = {:.0} MB/s compressed, {:.0} MB/s uncompressed",
+            gz_path.display(),
             blob.len(),
             index.stream_size,
             index.entries.len(),

@@ -29,6 +29,8 @@ pub struct LayerReader {
     source: Arc<dyn BlobSource>,
     spans: Mutex<SpanCache>,
     span_ready: Condvar,
+    /// [`MAX_CACHED_SPAN`]; lowered by tests to exercise the uncached path.
+    max_cached_span: u64,
 }
 
 struct SpanCache {
@@ -49,6 +51,7 @@ impl LayerReader {
                 inflight: HashSet::new(),
             }),
             span_ready: Condvar::new(),
+            max_cached_span: MAX_CACHED_SPAN,
         }
     }
 
@@ -141,7 +144,7 @@ impl LayerReader {
             let wanted =
                 (len - out.len()).min(usize::try_from(span_end - pos).unwrap_or(usize::MAX));
             let skip = pos - span_start;
-            let got = if span_end - span_start > MAX_CACHED_SPAN {
+            let got = if span_end - span_start > self.max_cached_span {
                 let bytes = self.inflate_span(checkpoints, i, skip, wanted)?;
                 out.extend_from_slice(&bytes);
                 bytes.len()
@@ -292,5 +295,171 @@ impl Drop for InflightClaim<'_> {
     fn drop(&mut self) {
         self.reader.lock_spans().inflight.remove(&self.span);
         self.reader.span_ready.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+    use crate::layer::index::test_support::{MemSource, index_blob};
+    use crate::layer::{Compression, IndexOptions, build_index};
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+
+    fn busybox_tar() -> (Vec<u8>, Vec<u8>) {
+        let data = std::fs::read("/usr/bin/busybox").expect("busybox");
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o755);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "bin/busybox", &data[..])
+            .expect("append");
+        (builder.into_inner().expect("tar"), data)
+    }
+
+    fn file_of(index: &Index) -> (u64, FileData) {
+        match &index.entries[0].kind {
+            crate::layer::EntryKind::File { size, data } => (*size, data.clone()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// zlib-rs at level 1 writes one deflate block for megabytes: the spans
+    /// are huge, so reads inflate only what they need and nothing is cached.
+    #[test]
+    fn oversized_spans_are_read_without_caching() {
+        let (tarball, data) = busybox_tar();
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+        enc.write_all(&tarball).expect("gzip");
+        let blob = enc.finish().expect("gzip");
+        let index = build_index(
+            &blob[..],
+            Compression::Gzip,
+            Digest::of(&blob),
+            blob.len() as u64,
+            None,
+            &IndexOptions {
+                checkpoint_spacing: 4096,
+            },
+        )
+        .expect("index");
+        let index = Arc::new(index);
+        let mut reader = LayerReader::new(Arc::clone(&index), Arc::new(MemSource(blob)));
+        reader.max_cached_span = 1024;
+        let (size, file) = file_of(&index);
+        for (offset, len) in [
+            (0u64, 100usize),
+            (1_000_000, 131_072),
+            (size - 10, 100),
+            (12345, 1_500_000),
+        ] {
+            let got = reader.read_file(size, &file, offset, len).expect("read");
+            let end = (offset as usize + len).min(data.len());
+            assert!(got == data[offset as usize..end], "offset {offset}");
+        }
+        assert_eq!(reader.lock_spans().lru.len(), 0);
+    }
+
+    #[test]
+    fn clamping_and_sparse_holes() {
+        let (tarball, data) = busybox_tar();
+        let (index, reader) = index_blob(&tarball, Compression::None, 0);
+        let (size, file) = file_of(&index);
+        assert!(
+            reader
+                .read_file(size, &file, size, 10)
+                .expect("at end")
+                .is_empty()
+        );
+        assert!(
+            reader
+                .read_file(size, &file, size + 5, 10)
+                .expect("past end")
+                .is_empty()
+        );
+        assert!(
+            reader
+                .read_file(size, &file, 0, 0)
+                .expect("empty")
+                .is_empty()
+        );
+        assert_eq!(
+            reader.read_file(size, &file, size - 3, 100).expect("tail"),
+            &data[data.len() - 3..]
+        );
+
+        let FileData::Contiguous { offset: base } = file else {
+            panic!()
+        };
+        let sparse = FileData::Sparse {
+            segments: vec![
+                Segment {
+                    file_offset: 10,
+                    stream_offset: base,
+                    len: 5,
+                },
+                Segment {
+                    file_offset: 100,
+                    stream_offset: base + 5,
+                    len: 3,
+                },
+            ],
+        };
+        let got = reader.read_file(200, &sparse, 8, 100).expect("sparse");
+        let mut want = vec![0u8; 100];
+        want[2..7].copy_from_slice(&data[..5]);
+        want[92..95].copy_from_slice(&data[5..8]);
+        assert_eq!(got, want);
+        assert_eq!(
+            reader.read_file(200, &sparse, 150, 100).expect("hole tail"),
+            vec![0u8; 50]
+        );
+    }
+
+    /// A source that fails or lies surfaces as an error, never wrong bytes.
+    #[test]
+    fn failing_sources_are_errors() {
+        struct Broken;
+        impl BlobSource for Broken {
+            fn read_at(&self, _: u64, _: usize) -> Result<Vec<u8>, SourceError> {
+                Err(SourceError("registry unreachable".into()))
+            }
+        }
+        struct Garbage;
+        impl BlobSource for Garbage {
+            fn read_at(&self, _: u64, len: usize) -> Result<Vec<u8>, SourceError> {
+                Ok(vec![0xff; len])
+            }
+        }
+        struct Short;
+        impl BlobSource for Short {
+            fn read_at(&self, _: u64, len: usize) -> Result<Vec<u8>, SourceError> {
+                Ok(vec![0; len / 2])
+            }
+        }
+        let (tarball, _) = busybox_tar();
+        let gz = crate::layer::index::test_support::gzip(&tarball, 6);
+        for compression in [Compression::None, Compression::Gzip] {
+            let blob = if compression == Compression::Gzip {
+                &gz
+            } else {
+                &tarball
+            };
+            let (index, _) = index_blob(blob, compression, 64 * 1024);
+            let (size, file) = file_of(&index);
+            let sources: [Arc<dyn BlobSource>; 3] =
+                [Arc::new(Broken), Arc::new(Garbage), Arc::new(Short)];
+            for (n, source) in sources.into_iter().enumerate() {
+                let reader = LayerReader::new(Arc::clone(&index), source);
+                let result = reader.read_file(size, &file, 500_000, 4096);
+                if compression == Compression::None && n == 1 {
+                    continue; // an uncompressed source is trusted to verify its bytes
+                }
+                assert!(result.is_err(), "{compression:?} source {n}: {result:?}");
+            }
+        }
     }
 }
