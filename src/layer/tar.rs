@@ -405,20 +405,17 @@ impl TarParser {
                     typeflag::GNU_LONGNAME => MetaKind::LongName,
                     _ => MetaKind::LongLink,
                 };
-                let pad = padding(header_size);
                 self.meta.clear();
-                self.state = if header_size == 0 {
-                    State::Skip { remaining: pad }
+                if header_size == 0 {
+                    self.on_meta(kind, &[], at + BLOCK_U64)?;
+                    self.state = State::Header;
                 } else {
-                    State::Meta {
+                    let pad = padding(header_size);
+                    self.state = State::Meta {
                         kind,
                         remaining: header_size,
                         pad,
-                    }
-                };
-                if header_size == 0 {
-                    self.on_meta(kind, &[], at + BLOCK_U64)?;
-                    self.skip(pad);
+                    };
                 }
                 Ok(())
             }
@@ -439,7 +436,16 @@ impl TarParser {
         match kind {
             MetaKind::LongName => self.pending.long_name = Some(c_string(content).to_vec()),
             MetaKind::LongLink => self.pending.long_link = Some(c_string(content).to_vec()),
-            MetaKind::Pax => parse_pax(content, &mut self.pending).map_err(|e| invalid(at, e))?,
+            MetaKind::Pax => {
+                // A later PAX header replaces an earlier one (as in Go), which
+                // also keeps the pending metadata bounded by MAX_META_SIZE.
+                self.pending = Pending {
+                    long_name: self.pending.long_name.take(),
+                    long_link: self.pending.long_link.take(),
+                    ..Pending::default()
+                };
+                parse_pax(content, &mut self.pending).map_err(|e| invalid(at, e))?
+            }
         }
         Ok(())
     }
@@ -456,108 +462,55 @@ impl TarParser {
             return Err(invalid(at, format!("more than {MAX_ENTRIES} entries")));
         }
         let pending = std::mem::take(&mut self.pending);
-        let data_start = at + BLOCK_U64;
         let stored_size = pending.size.unwrap_or(header_size);
         let padded_size = padded(stored_size).ok_or_else(|| invalid(at, "absurd entry size"))?;
-        let num = |range: std::ops::Range<usize>, what: &str| {
-            parse_numeric(&hdr[range]).map_err(|e| invalid(at, format!("header {what}: {e}")))
-        };
-        let to_u32 = |value: i64, what: &str| {
-            u32::try_from(value).map_err(|_| invalid(at, format!("{what} {value} out of range")))
-        };
-
-        let raw_path = match (&pending.sparse.name, &pending.path, &pending.long_name) {
-            (Some(name), _, _) => name.clone(),
-            (None, Some(path), _) => path.clone(),
-            (None, None, Some(long)) => long.clone(),
-            (None, None, None) => header_path(hdr, format),
-        };
-        let raw_link = match (&pending.linkpath, &pending.long_link) {
-            (Some(link), _) => link.clone(),
-            (None, Some(long)) => long.clone(),
-            (None, None) => c_string(&hdr[field::LINKNAME]).to_vec(),
-        };
-        let mode = (to_u32(num(field::MODE, "mode")?, "mode")?) & PERMISSION_BITS;
-        let uid = match pending.uid {
-            Some(uid) => uid,
-            None => to_u32(num(field::UID, "uid")?, "uid")?,
-        };
-        let gid = match pending.gid {
-            Some(gid) => gid,
-            None => to_u32(num(field::GID, "gid")?, "gid")?,
-        };
-        let (mtime, mtime_nsec) = match pending.mtime {
-            Some(t) => t,
-            None => (num(field::MTIME, "mtime")?, 0),
-        };
-        let device = |what: &str| -> Result<(u32, u32), TarError> {
-            let major = to_u32(num(field::DEVMAJOR, what)?, "device major")?;
-            let minor = to_u32(num(field::DEVMINOR, what)?, "device minor")?;
-            Ok((major, minor))
-        };
-
+        let (raw_path, raw_link) = entry_names(hdr, format, &pending);
+        let fields = Fields { hdr, at };
         let mut flag = hdr[field::TYPEFLAG];
         if flag == typeflag::REG_OLD && raw_path.ends_with(b"/") {
             flag = typeflag::DIR;
         }
-        let kind = match flag {
-            typeflag::REG | typeflag::REG_OLD | typeflag::CONT => EntryKind::File {
-                size: stored_size,
-                data: FileData::Contiguous { offset: data_start },
-            },
-            typeflag::GNU_SPARSE => EntryKind::File {
-                size: 0, // set once the map is read
-                data: FileData::Sparse {
-                    segments: Vec::new(),
-                },
-            },
-            typeflag::DIR => EntryKind::Dir,
-            typeflag::SYMLINK => EntryKind::Symlink { target: raw_link },
-            typeflag::LINK => EntryKind::Hardlink {
-                target: normalize_path(&raw_link),
-            },
-            typeflag::CHAR => {
-                let (major, minor) = device("devmajor/devminor")?;
-                EntryKind::CharDevice { major, minor }
-            }
-            typeflag::BLOCK => {
-                let (major, minor) = device("devmajor/devminor")?;
-                EntryKind::BlockDevice { major, minor }
-            }
-            typeflag::FIFO => EntryKind::Fifo,
-            other => {
-                tracing::warn!(
-                    offset = at,
-                    typeflag = %char::from(other).escape_default(),
-                    path = %String::from_utf8_lossy(&raw_path),
-                    "skipping tar entry of unknown type"
-                );
-                self.skip(padded_size);
-                return Ok(());
-            }
+        let Some(kind) = fields.kind(flag, raw_link, stored_size)? else {
+            tracing::warn!(
+                offset = at,
+                typeflag = %char::from(flag).escape_default(),
+                path = %String::from_utf8_lossy(&raw_path),
+                "skipping tar entry of unknown type"
+            );
+            self.skip(padded_size);
+            return Ok(());
         };
-        let header_only = !matches!(kind, EntryKind::File { .. });
+        let is_file = matches!(kind, EntryKind::File { .. });
+        let (mtime, mtime_nsec) = match pending.mtime {
+            Some(t) => t,
+            None => (fields.number(field::MTIME, "mtime")?, 0),
+        };
         let entry = Entry {
             path: normalize_path(&raw_path),
             kind,
-            mode,
-            uid,
-            gid,
+            mode: fields.id(field::MODE, "mode")? & PERMISSION_BITS,
+            uid: pending
+                .uid
+                .map_or_else(|| fields.id(field::UID, "uid"), Ok)?,
+            gid: pending
+                .gid
+                .map_or_else(|| fields.id(field::GID, "gid"), Ok)?,
             mtime,
             mtime_nsec,
             xattrs: pending.xattrs,
         };
-
         if flag == typeflag::GNU_SPARSE {
             return self.start_gnu_sparse(hdr, at, entry, stored_size);
         }
-        if matches!(entry.kind, EntryKind::File { .. }) {
+        if is_file {
             if let Some(version) = pax_sparse_version(&pending.sparse, &raw_path)? {
                 return self.start_pax_sparse(version, pending.sparse, at, entry, stored_size);
             }
         }
         self.entries.push(entry);
-        self.skip(if header_only { 0 } else { padded_size });
+        // Links, devices, directories and fifos have no data whatever their
+        // size field says (as in Go's archive/tar).
+        self.skip(if is_file { padded_size } else { 0 });
         Ok(())
     }
 
@@ -728,6 +681,83 @@ impl TarParser {
         self.entries.push(entry);
         self.skip(total - already_read);
         Ok(())
+    }
+}
+
+/// The entry's path and link target: PAX records win over GNU long
+/// names, which win over the header fields.
+fn entry_names(hdr: &[u8; BLOCK], format: Format, pending: &Pending) -> (Vec<u8>, Vec<u8>) {
+    let path = pending
+        .sparse
+        .name
+        .as_ref()
+        .or(pending.path.as_ref())
+        .or(pending.long_name.as_ref())
+        .cloned()
+        .unwrap_or_else(|| header_path(hdr, format));
+    let link = pending
+        .linkpath
+        .as_ref()
+        .or(pending.long_link.as_ref())
+        .cloned()
+        .unwrap_or_else(|| c_string(&hdr[field::LINKNAME]).to_vec());
+    (path, link)
+}
+
+/// Numeric fields of one header, with errors pointing at it.
+struct Fields<'a> {
+    hdr: &'a [u8; BLOCK],
+    at: u64,
+}
+
+impl Fields<'_> {
+    fn number(&self, range: std::ops::Range<usize>, what: &str) -> Result<i64, TarError> {
+        parse_numeric(&self.hdr[range]).map_err(|e| invalid(self.at, format!("header {what}: {e}")))
+    }
+
+    fn id(&self, range: std::ops::Range<usize>, what: &str) -> Result<u32, TarError> {
+        let value = self.number(range, what)?;
+        u32::try_from(value).map_err(|_| invalid(self.at, format!("{what} {value} out of range")))
+    }
+
+    /// The entry kind for `flag`, `None` for types imgfs does not know.
+    fn kind(
+        &self,
+        flag: u8,
+        link: Vec<u8>,
+        stored_size: u64,
+    ) -> Result<Option<EntryKind>, TarError> {
+        let kind = match flag {
+            typeflag::REG | typeflag::REG_OLD | typeflag::CONT => EntryKind::File {
+                size: stored_size,
+                data: FileData::Contiguous {
+                    offset: self.at + BLOCK_U64,
+                },
+            },
+            // Size and segments are set once the sparse map is read.
+            typeflag::GNU_SPARSE => EntryKind::File {
+                size: 0,
+                data: FileData::Sparse {
+                    segments: Vec::new(),
+                },
+            },
+            typeflag::DIR => EntryKind::Dir,
+            typeflag::SYMLINK => EntryKind::Symlink { target: link },
+            typeflag::LINK => EntryKind::Hardlink {
+                target: normalize_path(&link),
+            },
+            typeflag::CHAR => EntryKind::CharDevice {
+                major: self.id(field::DEVMAJOR, "device major")?,
+                minor: self.id(field::DEVMINOR, "device minor")?,
+            },
+            typeflag::BLOCK => EntryKind::BlockDevice {
+                major: self.id(field::DEVMAJOR, "device major")?,
+                minor: self.id(field::DEVMINOR, "device minor")?,
+            },
+            typeflag::FIFO => EntryKind::Fifo,
+            _ => return Ok(None),
+        };
+        Ok(Some(kind))
     }
 }
 
