@@ -61,6 +61,11 @@ impl IndexOptions {
 /// Reads the whole blob from `compressed`, verifies it against `digest` and
 /// `expected_size`, and indexes it. For zstd, the decompressed tar stream is
 /// written to `spill` (required), which the caller keeps only on success.
+///
+/// Reading stops one byte past `expected_size` (a longer blob is reported
+/// with that count). When parsing fails, the rest of the blob is still read
+/// and hashed, so a corrupted download is reported as a digest or size
+/// mismatch rather than as a bad archive.
 pub fn build_index<R: Read + Send>(
     compressed: R,
     compression: Compression,
@@ -1164,7 +1169,8 @@ mod tests {
 
     /// Prints the index size and indexing throughput for a tar of a real tree
     /// (`IMGFS_BENCH_DIR`, default /usr/lib), gzip -6, or for a ready
-    /// `IMGFS_BENCH_GZ` file. Run in release mode:
+    /// `IMGFS_BENCH_GZ` file (`IMGFS_BENCH_SPACING` overrides the spacing).
+    /// Run in release mode:
     /// `cargo test --release --lib index_size_and_throughput -- --ignored --nocapture`
     #[test]
     #[ignore]
@@ -1191,13 +1197,19 @@ mod tests {
         let blob = std::fs::read(&gz_path).unwrap();
         let digest = Digest::of(&blob);
         let started = std::time::Instant::now();
+        let spacing = std::env::var("IMGFS_BENCH_SPACING")
+            .ok()
+            .and_then(|s| s.parse().ok());
+        let opts = IndexOptions {
+            checkpoint_spacing: spacing.unwrap_or(0),
+        };
         let index = build_index(
             &blob[..],
             Compression::Gzip,
             digest,
             blob.len() as u64,
             None,
-            &IndexOptions::default(),
+            &opts,
         )
         .unwrap();
         let secs = started.elapsed().as_secs_f64();
