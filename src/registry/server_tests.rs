@@ -63,7 +63,17 @@ fn serve_connection(mut conn: TcpStream, seen: &StdMutex<Vec<String>>, handler: 
             _ => return,
         }
     }
-    let head = String::from_utf8_lossy(&head).to_string();
+    let mut head = String::from_utf8_lossy(&head).to_string();
+    // Read a request body (token POSTs), so closing never resets unread data;
+    // it is recorded after the head.
+    let body_len: usize = header_value(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; body_len];
+    if conn.read_exact(&mut body).is_err() {
+        return;
+    }
+    head.push_str(&String::from_utf8_lossy(&body));
     let n = {
         let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.push(head.clone());
@@ -613,4 +623,53 @@ async fn foreign_urls_are_tried_first_then_the_registry() {
     assert!(whole == *data);
     let last = server.requests().last().cloned().unwrap_or_default();
     assert!(path_of(&last).starts_with("/v2/win/base/blobs/"), "{last}");
+}
+
+#[tokio::test]
+async fn identity_tokens_use_the_oauth2_refresh_flow() {
+    let server = Server::start(|_, head| {
+        if head.starts_with("POST /token") {
+            return Reply::Send(response(
+                "200 OK",
+                &[],
+                br#"{"access_token":"from-refresh","expires_in":120}"#,
+            ));
+        }
+        if header_value(head, "authorization") == Some("Bearer from-refresh") {
+            return Reply::Send(response("200 OK", &[], b"{}"));
+        }
+        let host = header_value(head, "host").unwrap_or_default();
+        let challenge = format!(r#"Bearer realm="http://{host}/token",service="svc""#);
+        Reply::Send(response(
+            "401 Unauthorized",
+            &[("WWW-Authenticate", challenge)],
+            b"",
+        ))
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"{{"auths":{{"{}":{{"username":"u","identitytoken":"refresh-me"}}}}}}"#,
+        server.registry()
+    );
+    std::fs::write(dir.path().join("config.json"), config).expect("write config.json");
+    let c = client_with(|o| o.docker_config_dir = Some(dir.path().to_path_buf()));
+    c.manifest(&server.reference("a/b:c"), "c", &[])
+        .await
+        .expect("token from the refresh flow");
+    let requests = server.requests();
+    assert_eq!(requests.len(), 3);
+    let post = &requests[1];
+    assert!(post.starts_with("POST /token "), "{post}");
+    assert_eq!(
+        header_value(post, "content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    for part in [
+        "grant_type=refresh_token",
+        "refresh_token=refresh-me",
+        "service=svc",
+        "scope=repository%3Aa%2Fb%3Apull",
+    ] {
+        assert!(post.contains(part), "{part} missing from {post}");
+    }
 }
