@@ -66,7 +66,8 @@ impl FromStr for Digest {
             return Err(DigestError::Invalid(s.to_string()));
         }
         let mut raw = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut raw).map_err(|_| DigestError::Invalid(s.to_string()))?;
+        hex::decode_to_slice(hex_part, &mut raw)
+            .map_err(|_| DigestError::Invalid(s.to_string()))?;
         Ok(Digest(raw))
     }
 }
@@ -112,9 +113,18 @@ mod tests {
             "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
         assert_eq!(text.parse::<Digest>(), Ok(d));
-        assert!(matches!("sha512:00".parse::<Digest>(), Err(DigestError::Unsupported(_))));
-        assert!(matches!("sha256:XYZ".parse::<Digest>(), Err(DigestError::Invalid(_))));
-        assert!(matches!("nocolon".parse::<Digest>(), Err(DigestError::Invalid(_))));
+        assert!(matches!(
+            "sha512:00".parse::<Digest>(),
+            Err(DigestError::Unsupported(_))
+        ));
+        assert!(matches!(
+            "sha256:XYZ".parse::<Digest>(),
+            Err(DigestError::Invalid(_))
+        ));
+        assert!(matches!(
+            "nocolon".parse::<Digest>(),
+            Err(DigestError::Invalid(_))
+        ));
         let upper = text.to_uppercase().replace("SHA256", "sha256");
         assert!(upper.parse::<Digest>().is_err());
         assert!(d.matches(b"hello") && !d.matches(b"hellO"));

@@ -40,14 +40,15 @@ struct Adapter {
 }
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted.
-/// `ready` runs once the kernel mount exists.
+/// `ready` runs once the kernel mount exists, with a handle that unmounts
+/// it (for signal handlers).
 pub fn serve(
     fs: ImageFs,
     mountpoint: &Path,
     opts: &FuseOptions,
-    ready: impl FnOnce(),
+    ready: impl FnOnce(SessionUnmounter),
 ) -> std::io::Result<()> {
-    let mut mount_options = vec![
+    let mount_options = vec![
         MountOption::FSName(opts.fs_name.clone()),
         MountOption::Subtype("imgfs".into()),
         MountOption::RO,
@@ -56,8 +57,8 @@ pub fn serve(
         MountOption::Suid,
         MountOption::DefaultPermissions,
     ];
+    // fuser turns SessionACL::All into the `allow_other` mount option.
     let acl = if opts.allow_other {
-        mount_options.push(MountOption::AllowOther);
         SessionACL::All
     } else {
         SessionACL::Owner

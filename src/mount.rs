@@ -223,9 +223,11 @@ impl RangeFetcher for RegistryFetcher {
         let request = self
             .client
             .blob_range(&self.reference, &self.layer.blob, start, end);
+        // The timer must be created inside the runtime: this is a FUSE thread.
+        let timeout = self.timeout;
         match self
             .runtime
-            .block_on(tokio::time::timeout(self.timeout, request))
+            .block_on(async move { tokio::time::timeout(timeout, request).await })
         {
             Ok(Ok(bytes)) => Ok(bytes.to_vec()),
             Ok(Err(e)) => Err(layer::SourceError(e.to_string())),
