@@ -154,7 +154,8 @@ impl Cache {
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        file.lock().map_err(io_err(&path))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(&path)(e.into()))?;
         Ok(LayerLock { _file: file })
     }
 }

@@ -32,6 +32,9 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 /// containerd's unpacker gives them).
 const IMPLIED_DIR_MODE: u32 = 0o755;
 
+/// An extended attribute: name and value, both raw bytes.
+pub type Xattr = (Box<[u8]>, Box<[u8]>);
+
 /// Attributes shared by every kind of node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Meta {
@@ -40,7 +43,7 @@ pub struct Meta {
     pub gid: u32,
     pub mtime: i64,
     pub mtime_nsec: u32,
-    pub xattrs: Vec<(Box<[u8]>, Box<[u8]>)>,
+    pub xattrs: Vec<Xattr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
