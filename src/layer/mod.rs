@@ -111,12 +111,25 @@ pub struct Entry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EntryKind {
     Dir,
-    File { size: u64, data: FileData },
-    Symlink { target: Vec<u8> },
+    File {
+        size: u64,
+        data: FileData,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// A hardlink to the entry at `target` (normalized like `Entry::path`).
-    Hardlink { target: Vec<u8> },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    Hardlink {
+        target: Vec<u8>,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -154,17 +167,38 @@ pub enum LayerError {
     #[error("layer {digest}: digest mismatch: the registry sent bytes hashing to {actual}")]
     DigestMismatch { digest: Digest, actual: Digest },
     #[error("layer {digest}: size mismatch: expected {expected} bytes, got {actual}")]
-    SizeMismatch { digest: Digest, expected: u64, actual: u64 },
+    SizeMismatch {
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
     #[error("layer {digest}: invalid tar at stream offset {offset}: {reason}")]
-    Tar { digest: Digest, offset: u64, reason: String },
+    Tar {
+        digest: Digest,
+        offset: u64,
+        reason: String,
+    },
     #[error("layer {digest}: invalid {format} data at blob offset {offset}: {reason}")]
-    Compression { digest: Digest, format: &'static str, offset: u64, reason: String },
+    Compression {
+        digest: Digest,
+        format: &'static str,
+        offset: u64,
+        reason: String,
+    },
     #[error("layer {digest}: unsupported: {what}")]
     Unsupported { digest: Digest, what: String },
     #[error("reading layer {digest}: {source}")]
-    Source { digest: Digest, #[source] source: SourceError },
+    Source {
+        digest: Digest,
+        #[source]
+        source: SourceError,
+    },
     #[error("reading layer {digest}: {source}")]
-    Io { digest: Digest, #[source] source: std::io::Error },
+    Io {
+        digest: Digest,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("layer index: {0}")]
     BadIndex(String),
 }
@@ -205,7 +239,12 @@ mod tests {
             (b"usr/lib/\xff\xfe", b"usr/lib/\xff\xfe"),
         ];
         for (raw, want) in cases {
-            assert_eq!(normalize_path(raw), *want, "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                normalize_path(raw),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 }
