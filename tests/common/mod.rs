@@ -30,12 +30,14 @@ use tempfile::TempDir;
 
 /// The `imgfs` binary under test.
 pub const IMGFS: &str = env!("CARGO_BIN_EXE_imgfs");
-/// Upper bound for quick commands (skopeo on small images, umount, chroot).
-pub const SHORT: Duration = Duration::from_secs(60);
+/// Upper bound for quick commands (skopeo on small images, chroot, one read).
+pub const SHORT: Duration = Duration::from_secs(30);
+/// Upper bound for an unmount.
+const UMOUNT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Upper bound for a mount, which may index a few hundred MiB first.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Upper bound for walking and hashing a whole mounted tree.
-pub const WALK_TIMEOUT: Duration = Duration::from_secs(120);
+pub const WALK_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the registry may take to answer `/v2/` after it is started.
 const REGISTRY_START: Duration = Duration::from_secs(20);
 const REGISTRY_START_TRIES: usize = 5;
@@ -810,7 +812,7 @@ impl Mount {
     pub fn unmount(mut self) {
         let out = run(
             Command::new(IMGFS).arg("umount").arg(&self.mountpoint),
-            SHORT,
+            UMOUNT_TIMEOUT,
         );
         let still = self.is_mounted();
         let dir = self.dir.take();
@@ -833,7 +835,7 @@ impl Mount {
         }
         let _ = run(
             Command::new("umount").arg("-l").arg(&self.mountpoint),
-            SHORT,
+            UMOUNT_TIMEOUT,
         );
     }
 
@@ -841,9 +843,15 @@ impl Mount {
         if !self.is_mounted() {
             return;
         }
+        if std::thread::panicking() {
+            // The test already failed, maybe because this mount hangs: do
+            // not wait on it again.
+            self.abort();
+            return;
+        }
         let _ = run(
             Command::new(IMGFS).arg("umount").arg(&self.mountpoint),
-            SHORT,
+            UMOUNT_TIMEOUT,
         );
         if self.is_mounted() {
             let _ = run(
@@ -851,7 +859,7 @@ impl Mount {
                     .arg("-u")
                     .arg("-z")
                     .arg(&self.mountpoint),
-                SHORT,
+                UMOUNT_TIMEOUT,
             );
         }
         if self.is_mounted() {
