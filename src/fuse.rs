@@ -1,16 +1,20 @@
-//! A thin adapter from the kernel's FUSE protocol (fuser) to [`ImageFs`].
+//! A thin adapter from the kernel's FUSE protocol (fuser) to [`OverlayFs`].
 //!
 //! No filesystem logic lives here: each op converts arguments, calls the
-//! matching `ImageFs` method, and converts the answer. The lower view is
-//! immutable, so the kernel may cache entries, attributes, directory pages
-//! and file pages for as long as it likes.
+//! matching `OverlayFs` method, and converts the answer. A read-only mount
+//! never changes, so the kernel may cache entries, attributes, directory
+//! pages and file pages for as long as it likes; image files keep their
+//! page cache on a writable mount too.
 
-use crate::fs::{Attr, Errno, FileKind, ImageFs};
+use crate::fs::{Attr, Errno, FileKind};
+use crate::overlay::{Caller, OverlayFs, set_time};
+use crate::upper::SetAttr;
 use fuser::{
-    AccessFlags, Config, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request, SessionACL, SessionUnmounter,
+    AccessFlags, BsdFileFlags, Config, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, SessionUnmounter,
+    TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -19,6 +23,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may trust what we told it: the image never changes.
 const TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The same for a writable mount. Every change goes through us, so this
+/// only bounds how stale `nlink`/`ctime` of other names can look.
+const WRITABLE_TTL: Duration = Duration::from_secs(1);
 /// Largest read the kernel sends and readahead it does (bytes).
 const MAX_READAHEAD: u32 = 1024 * 1024;
 /// Worker threads reading `/dev/fuse`: a cold read blocks only its thread.
@@ -36,27 +43,33 @@ pub struct FuseOptions {
 }
 
 struct Adapter {
-    fs: ImageFs,
+    fs: OverlayFs,
+    /// Entry and attribute lifetime in the kernel: long for a read-only
+    /// mount (nothing ever changes), short for a writable one.
+    ttl: Duration,
 }
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted.
 /// `ready` runs once the kernel mount exists, with a handle that unmounts
 /// it (for signal handlers).
 pub fn serve(
-    fs: ImageFs,
+    fs: OverlayFs,
     mountpoint: &Path,
     opts: &FuseOptions,
     ready: impl FnOnce(SessionUnmounter),
 ) -> std::io::Result<()> {
-    let mount_options = vec![
+    let writable = fs.is_writable();
+    let mut mount_options = vec![
         MountOption::FSName(opts.fs_name.clone()),
         MountOption::Subtype("imgfs".into()),
-        MountOption::RO,
         MountOption::NoAtime,
         MountOption::Dev,
         MountOption::Suid,
         MountOption::DefaultPermissions,
     ];
+    if !writable {
+        mount_options.push(MountOption::RO);
+    }
     // fuser turns SessionACL::All into the `allow_other` mount option.
     let acl = if opts.allow_other {
         SessionACL::All
@@ -71,7 +84,8 @@ pub fn serve(
         c.clone_fd = true;
         c
     };
-    let mut session = fuser::Session::new(Adapter { fs }, mountpoint, &config)?;
+    let ttl = if writable { WRITABLE_TTL } else { TTL };
+    let mut session = fuser::Session::new(Adapter { fs, ttl }, mountpoint, &config)?;
     ready(session.unmount_callable());
     session.run()
 }
@@ -132,6 +146,48 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: Result<&[u8], Errno>) {
     }
 }
 
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_arg(t: Option<TimeOrNow>) -> Option<crate::upper::SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => set_time(true, 0, 0),
+        TimeOrNow::SpecificTime(at) => {
+            let (secs, nsec) = match at.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+                Err(e) => {
+                    let d = e.duration();
+                    // Before the epoch: whole seconds down, nanoseconds up.
+                    let nsec = d.subsec_nanos();
+                    let secs = -(d.as_secs() as i64) - i64::from(nsec > 0);
+                    (secs, if nsec > 0 { 1_000_000_000 - nsec } else { 0 })
+                }
+            };
+            set_time(false, secs, nsec)
+        }
+    })
+}
+
+impl Adapter {
+    fn entry(&self, reply: ReplyEntry, result: Result<Attr, Errno>) {
+        match result {
+            Ok(attr) => reply.entry(&self.ttl, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn empty(reply: ReplyEmpty, result: Result<(), Errno>) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for flag in [
@@ -150,30 +206,144 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name.as_bytes()) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = SetAttr {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: time_arg(atime),
+            mtime: time_arg(mtime),
+        };
+        match self.fs.setattr(ino.0, &change) {
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.fs.readlink(ino.0) {
-            Ok(target) => reply.data(target),
+            Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
         }
     }
 
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self
+            .fs
+            .mknod(parent.0, name.as_bytes(), mode, rdev, caller(req));
+        self.entry(reply, result);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self.fs.mkdir(parent.0, name.as_bytes(), mode, caller(req));
+        self.entry(reply, result);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = self.fs.symlink(
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            caller(req),
+        );
+        self.entry(reply, result);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        );
+        Self::empty(reply, result);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+    }
+
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        match self.fs.open(ino.0, write) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+        match self.fs.open(ino.0, flags.0) {
+            Ok((fh, true)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -182,26 +352,80 @@ impl Filesystem for Adapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, offset, size) {
+        match self.fs.read(ino.0, fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
         }
     }
 
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.fsync(fh.0, datasync));
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) if a.kind == FileKind::Dir => reply.opened(
-                FileHandle(0),
+        match self.fs.opendir(ino.0) {
+            Ok(fh) if self.fs.is_writable() => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             ),
-            Ok(_) => reply.error(errno(Errno::ENOTDIR)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -209,19 +433,21 @@ impl Filesystem for Adapter {
     fn readdir(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for e in entries {
+        match self.fs.listing(fh.0) {
+            Ok(listing) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                for (i, e) in listing.iter().enumerate().skip(start) {
+                    let next = i as u64 + 1;
                     if reply.add(
                         INodeNo(e.ino),
-                        e.next_offset,
+                        next,
                         file_type(e.kind),
-                        OsStr::from_bytes(e.name),
+                        OsStr::from_bytes(&e.name),
                     ) {
                         break;
                     }
@@ -236,21 +462,26 @@ impl Filesystem for Adapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for e in entries {
-                    let Ok(attr) = self.fs.getattr(e.ino) else {
-                        continue;
+        match self.fs.listing(fh.0) {
+            Ok(listing) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                for (i, e) in listing.iter().enumerate().skip(start) {
+                    // Each entry is a lookup for the kernel: register it as one.
+                    let attr = match e.name.as_slice() {
+                        b"." => self.fs.getattr(ino.0),
+                        b".." => self.fs.lookup(ino.0, b".."),
+                        name => self.fs.lookup(ino.0, name),
                     };
+                    let Ok(attr) = attr else { continue };
                     let full = reply.add(
-                        INodeNo(e.ino),
-                        e.next_offset,
-                        OsStr::from_bytes(e.name),
-                        &TTL,
+                        INodeNo(attr.ino),
+                        i as u64 + 1,
+                        OsStr::from_bytes(&e.name),
+                        &self.ttl,
                         &file_attr(&attr),
                         Generation(0),
                     );
@@ -262,6 +493,29 @@ impl Filesystem for Adapter {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -278,23 +532,83 @@ impl Filesystem for Adapter {
         );
     }
 
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            reply,
+            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
+        );
+    }
+
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.fs.getxattr(ino.0, name.as_bytes()));
+        let value = self.fs.getxattr(ino.0, name.as_bytes());
+        reply_xattr(reply, size, value.as_deref().map_err(|e| *e));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs.listxattr(ino.0) {
-            Ok(names) => reply_xattr(reply, size, Ok(&names)),
+        let names = self.fs.listxattr(ino.0);
+        reply_xattr(reply, size, names.as_deref().map_err(|e| *e));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Only called without default_permissions, which imgfs always sets.
+        let result = match self.fs.getattr(ino.0) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) && !self.fs.is_writable() => {
+                Err(Errno::EROFS)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        Self::empty(reply, result);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self
+            .fs
+            .create(parent.0, name.as_bytes(), mode, flags, caller(req))
+        {
+            Ok((attr, fh)) => reply.created(
+                &self.ttl,
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        // Only called without default_permissions; writes are never allowed.
-        let write = mask.contains(AccessFlags::W_OK);
-        match self.fs.open(ino.0, write) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 }

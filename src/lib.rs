@@ -26,6 +26,7 @@ pub mod fuse;
 pub mod image;
 pub mod layer;
 pub mod mount;
+pub mod overlay;
 pub mod reference;
 pub mod registry;
 pub mod source;

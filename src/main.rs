@@ -7,8 +7,10 @@ use imgfs::cache::Cache;
 use imgfs::fuse::{self, FuseOptions};
 use imgfs::image::{self, Platform, ResolvedImage};
 use imgfs::mount;
+use imgfs::overlay::OverlayFs;
 use imgfs::reference::Reference;
 use imgfs::registry::{Client, ClientOptions};
+use imgfs::upper::Upper;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -52,7 +54,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Mount an image read-only; returns once the mount is live
+    /// Mount an image (writable copy-on-write by default); returns once the mount is live
     Mount(MountArgs),
     /// Unmount an imgfs mount
     Umount {
@@ -87,6 +89,13 @@ struct MountArgs {
     /// FUSE worker threads
     #[arg(long, default_value_t = fuse::DEFAULT_THREADS)]
     threads: usize,
+    /// Keep changes in DIR (created if missing); mount again with the same
+    /// --upper to see them. Default: a fresh directory removed at unmount
+    #[arg(long, value_name = "DIR", conflicts_with = "read_only")]
+    upper: Option<PathBuf>,
+    /// Mount read-only (writes fail with EROFS)
+    #[arg(long)]
+    read_only: bool,
     /// Seconds a read may wait for the registry before failing with EIO
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     read_timeout: u64,
@@ -228,13 +237,24 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         platform.as_ref(),
         &progress,
     ))?;
-    let fs = mount::filesystem(
+    let image = mount::filesystem(
         &prepared,
         &client,
         &cache,
         runtime.handle().clone(),
         Duration::from_secs(args.read_timeout),
     )?;
+    let upper_dir = UpperDir::choose(args)?;
+    let upper = match &upper_dir {
+        Some(dir) => Some(
+            Upper::open(dir.path())
+                .with_context(|| format!("upper directory {}", dir.path().display()))?,
+        ),
+        None => None,
+    };
+    // Modes given by the kernel are already masked by the caller's umask.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let fs = OverlayFs::new(image, upper);
     let options = FuseOptions {
         fs_name: reference.to_string(),
         allow_other: rustix::process::geteuid().is_root(),
@@ -250,7 +270,54 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         }
     })
     .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    drop(upper_dir);
     Ok(())
+}
+
+/// The upper directory of a writable mount: the user's, kept, or a fresh
+/// one under the state directory, removed when the mount ends.
+enum UpperDir {
+    Kept(PathBuf),
+    Temporary(tempfile::TempDir),
+}
+
+impl UpperDir {
+    fn choose(args: &MountArgs) -> Result<Option<UpperDir>> {
+        if args.read_only {
+            return Ok(None);
+        }
+        if let Some(dir) = &args.upper {
+            return Ok(Some(UpperDir::Kept(dir.clone())));
+        }
+        let base = state_dir().join("uppers");
+        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("mount-")
+            .tempdir_in(&base)
+            .with_context(|| format!("creating a temporary upper in {}", base.display()))?;
+        Ok(Some(UpperDir::Temporary(dir)))
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            UpperDir::Kept(p) => p,
+            UpperDir::Temporary(t) => t.path(),
+        }
+    }
+}
+
+/// `/var/lib/imgfs` as root, `$XDG_STATE_HOME/imgfs` (or
+/// `~/.local/state/imgfs`) otherwise.
+fn state_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/imgfs");
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("imgfs")
 }
 
 /// Tells the waiting parent we are live, then points stdout/stderr at a log
