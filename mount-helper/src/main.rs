@@ -1,7 +1,7 @@
 //! `mount.imgfs`: lets `mount -t imgfs REF DIR -o opts` and fstab lines run
 //! `imgfs mount`. mount(8) calls helpers as `mount.TYPE SOURCE DIR [-sfnv]
 //! [-o OPTIONS]`; each imgfs option maps one to one onto a flag, generic
-//! mount options (ro, rw, defaults, noauto, user, _netdev...) are accepted
+//! mount options (rw, defaults, noauto, user, _netdev...) are accepted
 //! and ignored since they do not change an imgfs mount, and anything else is
 //! refused so that a typo never mounts something other than what was asked.
 //! Install it as /sbin/mount.imgfs next to `imgfs` in $PATH.
@@ -15,7 +15,7 @@ use std::process::{Command, ExitCode};
 const MOUNT_FAILURE: u8 = 32;
 /// Options mount(8) passes that mean nothing for imgfs.
 const IGNORED: &[&str] = &[
-    "ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+    "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
     "relatime", "noatime", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
 ];
 
@@ -65,6 +65,9 @@ fn map_option(opt: &str) -> Result<Vec<OsString>, String> {
     if IGNORED.contains(&opt) {
         return Ok(vec![]);
     }
+    if opt == "ro" {
+        return Ok(vec!["--read-only".into()]);
+    }
     let (key, value) = opt
         .split_once('=')
         .ok_or_else(|| format!("unknown option {opt:?}"))?;
@@ -73,6 +76,7 @@ fn map_option(opt: &str) -> Result<Vec<OsString>, String> {
         "cache" | "cache_dir" => "--cache-dir",
         "insecure-registry" | "insecure_registry" => "--insecure-registry",
         "threads" => "--threads",
+        "upper" => "--upper",
         "read-timeout" | "read_timeout" => "--read-timeout",
         _ => return Err(format!("unknown option {opt:?}")),
     };
@@ -94,7 +98,8 @@ mod tests {
 
     #[test]
     fn options_map_one_to_one() {
-        assert_eq!(map_option("ro").unwrap(), Vec::<std::ffi::OsString>::new());
+        assert_eq!(map_option("rw").unwrap(), Vec::<std::ffi::OsString>::new());
+        assert_eq!(map_option("ro").unwrap(), vec![std::ffi::OsString::from("--read-only")]);
         assert_eq!(
             map_option("platform=linux/arm64").unwrap(),
             vec!["--platform".into(), "linux/arm64".into()] as Vec<std::ffi::OsString>
