@@ -254,7 +254,12 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
     };
     // Modes given by the kernel are already masked by the caller's umask.
     rustix::process::umask(rustix::fs::Mode::empty());
-    let fs = OverlayFs::new(image, upper);
+    let fs = OverlayFs::new(image, upper).map_err(|e| {
+        anyhow::anyhow!(
+            "preparing the upper directory: {}",
+            std::io::Error::from_raw_os_error(e.0)
+        )
+    })?;
     let options = FuseOptions {
         fs_name: reference.to_string(),
         allow_other: rustix::process::geteuid().is_root(),

@@ -97,7 +97,10 @@ enum Located {
 }
 
 impl OverlayFs {
-    pub fn new(lower: ImageFs, upper: Option<Upper>) -> OverlayFs {
+    pub fn new(lower: ImageFs, upper: Option<Upper>) -> Result<OverlayFs, Errno> {
+        if let (Some(upper), Some(root)) = (&upper, lower.tree().get(ROOT)) {
+            upper.adopt_root_meta(&meta_of(root))?;
+        }
         let root_lower = match &upper {
             Some(u) if u.is_opaque(b"").unwrap_or(false) => None,
             _ => Some(ROOT),
@@ -116,12 +119,12 @@ impl OverlayFs {
             handles: HashMap::new(),
             next_fh: 1,
         };
-        OverlayFs {
+        Ok(OverlayFs {
             lower,
             upper,
             namespace: RwLock::new(()),
             state: Mutex::new(state),
-        }
+        })
     }
 
     pub fn is_writable(&self) -> bool {
@@ -247,7 +250,7 @@ impl OverlayFs {
                         kind,
                     },
                 );
-                Ok(attr_of(ino, &stat))
+                Ok(merged_attr(ino, &stat, lower.is_some()))
             }
         }
     }
@@ -282,18 +285,18 @@ impl OverlayFs {
 
     fn getattr_locked(&self, ino: Ino) -> Result<Attr, Errno> {
         let inode = self.inode(ino)?;
-        match (&self.upper, inode.upper, ino) {
-            (Some(upper), true, ino) if ino != ROOT => {
-                let (dir, name) = self.parent_and_name(ino)?;
-                let stat = upper.stat(&dir, &name)?;
-                Ok(attr_of(ino, &stat))
-            }
-            _ => {
-                let mut attr = self.lower.getattr(inode.lower.unwrap_or(ROOT))?;
-                attr.ino = ino;
-                Ok(attr)
-            }
-        }
+        let Some(upper) = self.upper.as_ref().filter(|_| inode.upper) else {
+            let mut attr = self.lower.getattr(inode.lower.unwrap_or(ROOT))?;
+            attr.ino = ino;
+            return Ok(attr);
+        };
+        let stat = if ino == ROOT {
+            upper.stat_root()?
+        } else {
+            let (dir, name) = self.parent_and_name(ino)?;
+            upper.stat(&dir, &name)?
+        };
+        Ok(merged_attr(ino, &stat, inode.lower.is_some()))
     }
 
     fn parent_and_name(&self, ino: Ino) -> Result<(Vec<u8>, Vec<u8>), Errno> {
@@ -1082,6 +1085,17 @@ fn kind_of(stat: &Stat) -> FileKind {
         FileType::Fifo => FileKind::Fifo,
         _ => FileKind::File,
     }
+}
+
+/// Attributes of an upper entry; a directory merged with an image directory
+/// cannot count its subdirectories cheaply, so like overlayfs it says so
+/// with a link count of 1 (which find and du understand).
+fn merged_attr(ino: Ino, stat: &Stat, merged: bool) -> Attr {
+    let mut attr = attr_of(ino, stat);
+    if attr.kind == FileKind::Dir && merged {
+        attr.nlink = 1;
+    }
+    attr
 }
 
 fn attr_of(ino: Ino, stat: &Stat) -> Attr {

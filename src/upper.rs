@@ -190,6 +190,24 @@ impl Upper {
         })
     }
 
+    /// The upper root directory's attributes.
+    pub fn stat_root(&self) -> Result<Stat> {
+        rfs::fstat(&self.root).map_err(|e| UpperError::new("stat", b"", b"", e))
+    }
+
+    /// Gives a new, empty upper root the image root's owner, mode, times and
+    /// xattrs (what overlayfs shows for a merged root is the upper's), so a
+    /// fresh writable mount shows the image's root as it is. An upper root
+    /// that already holds entries keeps its own.
+    pub fn adopt_root_meta(&self, meta: &Meta) -> Result<()> {
+        let empty = self.list(b"")?.is_empty();
+        if !empty {
+            return Ok(());
+        }
+        self.apply_meta(self.root.as_fd(), meta)
+            .map_err(|e| UpperError::new("set root attributes", b"", b"", e))
+    }
+
     /// True when overlay xattrs live in `trusted.*` (running as root), false for `user.*`.
     pub fn is_root_namespace(&self) -> bool {
         self.root_ns
