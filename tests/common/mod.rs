@@ -35,7 +35,7 @@ pub const SHORT: Duration = Duration::from_secs(30);
 /// Upper bound for an unmount.
 const UMOUNT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Upper bound for a mount, which may index a few hundred MiB first.
-pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(180);
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Upper bound for walking and hashing a whole mounted tree.
 pub const WALK_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the registry may take to answer `/v2/` after it is started.
