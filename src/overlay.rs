@@ -250,9 +250,38 @@ impl OverlayFs {
                         kind,
                     },
                 );
-                Ok(merged_attr(ino, &stat, lower.is_some()))
+                drop(state);
+                let mut attr = attr_of(ino, &stat);
+                if let (FileKind::Dir, Some(l)) = (kind, lower) {
+                    attr.nlink = self.merged_nlink(&join(&self.path(parent)?, name), l)?;
+                }
+                Ok(attr)
             }
         }
+    }
+
+    /// Link count of a merged directory: 2 + its subdirectories in the
+    /// merged view. Only the upper side is listed (usually small); the image
+    /// side comes from the tree.
+    fn merged_nlink(&self, path: &[u8], lower: Ino) -> Result<u32, Errno> {
+        let Some(upper) = &self.upper else {
+            return Ok(self.lower.getattr(lower)?.nlink);
+        };
+        let mut subdirs = i64::from(self.lower.getattr(lower)?.nlink) - 2;
+        for (name, found) in upper.list(path)? {
+            if self
+                .lower
+                .tree()
+                .lookup(lower, &name)
+                .is_some_and(|l| self.lower_is_dir(l))
+            {
+                subdirs -= 1;
+            }
+            if matches!(found, Found::Entry(st) if kind_of(&st) == FileKind::Dir) {
+                subdirs += 1;
+            }
+        }
+        Ok(u32::try_from(subdirs.max(0) + 2).unwrap_or(u32::MAX))
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr, Errno> {
@@ -296,7 +325,16 @@ impl OverlayFs {
             let (dir, name) = self.parent_and_name(ino)?;
             upper.stat(&dir, &name)?
         };
-        Ok(merged_attr(ino, &stat, inode.lower.is_some()))
+        let mut attr = attr_of(ino, &stat);
+        if let (FileKind::Dir, Some(l)) = (attr.kind, inode.lower) {
+            let path = if ino == ROOT {
+                Vec::new()
+            } else {
+                self.path(ino)?
+            };
+            attr.nlink = self.merged_nlink(&path, l)?;
+        }
+        Ok(attr)
     }
 
     fn parent_and_name(&self, ino: Ino) -> Result<(Vec<u8>, Vec<u8>), Errno> {
@@ -1085,17 +1123,6 @@ fn kind_of(stat: &Stat) -> FileKind {
         FileType::Fifo => FileKind::Fifo,
         _ => FileKind::File,
     }
-}
-
-/// Attributes of an upper entry; a directory merged with an image directory
-/// cannot count its subdirectories cheaply, so like overlayfs it says so
-/// with a link count of 1 (which find and du understand).
-fn merged_attr(ino: Ino, stat: &Stat, merged: bool) -> Attr {
-    let mut attr = attr_of(ino, stat);
-    if attr.kind == FileKind::Dir && merged {
-        attr.nlink = 1;
-    }
-    attr
 }
 
 fn attr_of(ino: Ino, stat: &Stat) -> Attr {

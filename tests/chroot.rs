@@ -1,7 +1,7 @@
 //! A mounted image used as a root filesystem: programs run from it (exec
 //! mmaps them), explicit mmap reads agree with plain reads, permissions are
-//! enforced for non-root users, and writes fail with EROFS (the mount is
-//! read-only for now).
+//! enforced for non-root users, and writes to a `--read-only` mount fail
+//! with EROFS.
 
 mod common;
 
@@ -12,9 +12,17 @@ use std::process::Command;
 
 /// A registry holding the `busybox` image, and a mount of it.
 fn busybox() -> (Registry, Mount) {
+    busybox_with(&[])
+}
+
+fn busybox_with(args: &[&str]) -> (Registry, Mount) {
     let reg = Registry::start(RegistryOptions::default());
     let reference = push(&reg, "busybox", "busybox:latest", Compress::Gzip);
-    let mount = Mount::new(&reference, MountOptions::default());
+    let opts = MountOptions {
+        extra_args: args.iter().map(|a| a.to_string()).collect(),
+        ..MountOptions::default()
+    };
+    let mount = Mount::new(&reference, opts);
     (reg, mount)
 }
 
@@ -163,7 +171,7 @@ fn permissions_are_enforced() {
 
 #[test]
 fn writes_fail_read_only() {
-    let (_reg, mount) = busybox();
+    let (_reg, mount) = busybox_with(&["--read-only"]);
     for script in [
         "touch /tmp/new",
         "echo x > /etc/passwd",
