@@ -20,6 +20,7 @@
 //! the command line around it.
 
 pub mod cache;
+pub mod diff;
 pub mod digest;
 pub mod fs;
 pub mod fuse;
@@ -27,6 +28,7 @@ pub mod image;
 pub mod layer;
 pub mod mount;
 pub mod overlay;
+pub mod record;
 pub mod reference;
 pub mod registry;
 pub mod source;

@@ -8,6 +8,7 @@ use imgfs::fuse::{self, FuseOptions};
 use imgfs::image::{self, Platform, ResolvedImage};
 use imgfs::mount;
 use imgfs::overlay::OverlayFs;
+use imgfs::record::MountRecord;
 use imgfs::reference::Reference;
 use imgfs::registry::{Client, ClientOptions};
 use imgfs::upper::Upper;
@@ -60,6 +61,23 @@ enum Command {
     Umount {
         /// The mountpoint
         mountpoint: PathBuf,
+    },
+    /// List what a writable mount changed, like `docker diff` (A added, C changed, D deleted)
+    #[command(
+        after_help = "Examples:\n  imgfs diff /mnt/d\n  imgfs diff --upper ~/work/d-upper debian:bookworm"
+    )]
+    Diff {
+        /// A mountpoint of a writable imgfs mount, or with --upper the image reference
+        target: String,
+        /// Read the changes from this upper directory (of an unmounted image) instead
+        #[arg(long, value_name = "DIR")]
+        upper: Option<PathBuf>,
+        /// Platform of the image, with --upper
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
     },
     /// Show an image's platforms, manifest, layers and config without mounting it
     Inspect {
@@ -156,6 +174,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Mount(args) => spawn_daemon(&args),
         Command::Umount { mountpoint } => umount(&mountpoint),
+        Command::Diff {
+            target,
+            upper,
+            platform,
+            json,
+        } => diff(
+            &target,
+            upper.as_deref(),
+            platform.as_deref(),
+            json,
+            &cache_dir,
+            client_options,
+        ),
         Command::Inspect {
             reference,
             platform,
@@ -267,14 +298,39 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
     };
     let daemon = args.daemon_child;
     let log = cache.root().join("logs");
-    fuse::serve(fs, &args.mountpoint, &options, |unmounter| {
+    let record = MountRecord {
+        mountpoint: args
+            .mountpoint
+            .canonicalize()
+            .unwrap_or_else(|_| args.mountpoint.clone()),
+        reference: reference.to_string(),
+        manifest_digest: prepared.image.manifest_digest,
+        layers: prepared
+            .image
+            .layers
+            .iter()
+            .map(|l| l.blob.digest)
+            .collect(),
+        cache_dir: cache.root().to_path_buf(),
+        upper: upper_dir.as_ref().map(|u| u.path().to_path_buf()),
+        pid: std::process::id(),
+    };
+    let mut record_file = None;
+    let served = fuse::serve(fs, &args.mountpoint, &options, |unmounter| {
         unmount_on_signal(&runtime, unmounter);
+        match record.save(&state_dir()) {
+            Ok(path) => record_file = Some(path),
+            Err(e) => tracing::warn!(error = %e, "imgfs diff will not find this mount"),
+        }
         tracing::info!(mountpoint = %args.mountpoint.display(), image = %prepared.image.manifest_digest, "mounted");
         if daemon {
             announce_ready(&log);
         }
-    })
-    .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    });
+    if let Some(path) = record_file {
+        let _ = std::fs::remove_file(path);
+    }
+    served.with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
     drop(upper_dir);
     Ok(())
 }
@@ -378,6 +434,72 @@ fn umount(mountpoint: &Path) -> Result<()> {
     }
     rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty())
         .with_context(|| format!("unmounting {}: is it an imgfs mount?", mountpoint.display()))
+}
+
+fn diff(
+    target: &str,
+    upper_dir: Option<&Path>,
+    platform: Option<&str>,
+    json: bool,
+    cache_dir: &Path,
+    client_options: ClientOptions,
+) -> Result<()> {
+    let (upper_path, indexes) = match upper_dir {
+        Some(dir) => {
+            let reference: Reference = target.parse()?;
+            let platform = parse_platform(platform)?;
+            let cache = Cache::open(cache_dir)?;
+            let client = Client::new(client_options)?;
+            let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let prepared = runtime()?.block_on(mount::prepare(
+                &client,
+                &cache,
+                &reference,
+                platform.as_ref(),
+                &progress,
+            ))?;
+            (dir.to_path_buf(), prepared.indexes)
+        }
+        None => {
+            let record = MountRecord::load(&state_dir(), Path::new(target))?;
+            let upper = record
+                .upper
+                .with_context(|| format!("{target} is mounted read-only: it has no changes"))?;
+            let cache = Cache::open(&record.cache_dir)?;
+            let mut indexes = Vec::new();
+            for layer in &record.layers {
+                let index = cache.load_index(layer)?.with_context(|| {
+                    format!(
+                        "layer {layer} is no longer in the cache {}",
+                        record.cache_dir.display()
+                    )
+                })?;
+                indexes.push(std::sync::Arc::new(index));
+            }
+            (upper, indexes)
+        }
+    };
+    if !upper_path.is_dir() {
+        bail!("upper directory {} does not exist", upper_path.display());
+    }
+    let upper = Upper::open(&upper_path)
+        .with_context(|| format!("upper directory {}", upper_path.display()))?;
+    let tree = imgfs::union::Tree::build(&indexes);
+    let changes = imgfs::diff::changes(&upper, &tree)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&changes)?);
+    } else {
+        let mut out = std::io::stdout().lock();
+        for c in &changes {
+            writeln!(
+                out,
+                "{} {}",
+                c.kind.letter(),
+                String::from_utf8_lossy(&c.path)
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn inspect(
