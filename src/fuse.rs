@@ -10,15 +10,17 @@ use crate::fs::{Attr, Errno, FileKind};
 use crate::overlay::{Caller, OverlayFs, set_time};
 use crate::upper::SetAttr;
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, SessionUnmounter,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, Config, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    SessionUnmounter, TimeOrNow, WriteFlags,
 };
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may trust what we told it: the image never changes.
@@ -28,6 +30,9 @@ const TTL: Duration = Duration::from_secs(24 * 60 * 60);
 const WRITABLE_TTL: Duration = Duration::from_secs(1);
 /// Largest read the kernel sends and readahead it does (bytes).
 const MAX_READAHEAD: u32 = 1024 * 1024;
+/// How many filesystems may stack under a passthrough file (the kernel's
+/// maximum): the upper directory may itself be on an overlayfs.
+const PASSTHROUGH_STACK_DEPTH: u32 = 2;
 /// Worker threads reading `/dev/fuse`: a cold read blocks only its thread.
 pub const DEFAULT_THREADS: usize = 8;
 
@@ -40,6 +45,8 @@ pub struct FuseOptions {
     /// with its own permissions (needs root or `user_allow_other`).
     pub allow_other: bool,
     pub threads: usize,
+    /// Ask for FUSE passthrough of upper files (root, Linux ≥ 6.9).
+    pub passthrough: bool,
 }
 
 struct Adapter {
@@ -47,6 +54,46 @@ struct Adapter {
     /// Entry and attribute lifetime in the kernel: long for a read-only
     /// mount (nothing ever changes), short for a writable one.
     ttl: Duration,
+    /// Upper files are served by the kernel straight from the backing file
+    /// (FUSE passthrough) when the kernel agreed to it in `init`.
+    passthrough: bool,
+    backing: Mutex<Backing>,
+}
+
+/// Passthrough bookkeeping. The kernel wants one backing file per inode and
+/// refuses to mix passthrough and cached opens of one inode, so an inode
+/// with cached opens (image files, or an upper file whose backing failed)
+/// gets cached opens until they are all closed.
+#[derive(Default)]
+struct Backing {
+    by_handle: HashMap<u64, Arc<BackingId>>,
+    by_inode: HashMap<u64, Weak<BackingId>>,
+    cached_opens: HashMap<u64, u32>,
+}
+
+impl Backing {
+    fn cached_open(&mut self, ino: u64) {
+        *self.cached_opens.entry(ino).or_default() += 1;
+    }
+
+    fn released(&mut self, ino: u64, fh: u64) {
+        if self.by_handle.remove(&fh).is_some() {
+            if self
+                .by_inode
+                .get(&ino)
+                .is_some_and(|id| id.strong_count() == 0)
+            {
+                self.by_inode.remove(&ino);
+            }
+            return;
+        }
+        if let Some(count) = self.cached_opens.get_mut(&ino) {
+            *count -= 1;
+            if *count == 0 {
+                self.cached_opens.remove(&ino);
+            }
+        }
+    }
 }
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted.
@@ -85,7 +132,13 @@ pub fn serve(
         c
     };
     let ttl = if writable { WRITABLE_TTL } else { TTL };
-    let mut session = fuser::Session::new(Adapter { fs, ttl }, mountpoint, &config)?;
+    let adapter = Adapter {
+        fs,
+        ttl,
+        passthrough: opts.passthrough,
+        backing: Mutex::default(),
+    };
+    let mut session = fuser::Session::new(adapter, mountpoint, &config)?;
     ready(session.unmount_callable());
     session.run()
 }
@@ -173,6 +226,46 @@ fn time_arg(t: Option<TimeOrNow>) -> Option<crate::upper::SetTime> {
 }
 
 impl Adapter {
+    fn backing(&self) -> std::sync::MutexGuard<'_, Backing> {
+        self.backing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backing id for an upper file's open, if passthrough may be used
+    /// for it; `open_backing` is `ReplyOpen::open_backing` or its create twin.
+    fn passthrough_id(
+        &self,
+        ino: u64,
+        fh: u64,
+        open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough || fh == 0 {
+            return None;
+        }
+        let mut backing = self.backing();
+        if backing.cached_opens.contains_key(&ino) {
+            return None;
+        }
+        let id = match backing.by_inode.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let file = self.fs.file(fh).ok()?;
+                match open_backing(&file) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        backing.by_inode.insert(ino, Arc::downgrade(&id));
+                        id
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, ino, "passthrough refused; serving through imgfs");
+                        return None;
+                    }
+                }
+            }
+        };
+        backing.by_handle.insert(fh, id.clone());
+        Some(id)
+    }
+
     fn entry(&self, reply: ReplyEntry, result: Result<Attr, Errno>) {
         match result {
             Ok(attr) => reply.entry(&self.ttl, &file_attr(&attr), Generation(0)),
@@ -202,6 +295,17 @@ impl Filesystem for Adapter {
             }
         }
         let _ = config.set_max_readahead(MAX_READAHEAD);
+        if self.passthrough && self.fs.is_writable() {
+            // Depth 2: the upper may itself live on an overlayfs.
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(PASSTHROUGH_STACK_DEPTH).is_ok();
+            if !granted {
+                tracing::info!("kernel refused FUSE passthrough; upper files go through imgfs");
+            }
+            self.passthrough = granted;
+        } else {
+            self.passthrough = false;
+        }
         Ok(())
     }
 
@@ -341,11 +445,20 @@ impl Filesystem for Adapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
-            Ok((fh, true)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+        let (fh, keep_cache) = match self.fs.open(ino.0, flags.0) {
+            Ok(opened) => opened,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if let Some(id) = self.passthrough_id(ino.0, fh, |f| reply.open_backing(f)) {
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
+        self.backing().cached_open(ino.0);
+        let flags = if keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn read(
@@ -397,13 +510,14 @@ impl Filesystem for Adapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.backing().released(ino.0, fh.0);
         self.fs.release(fh.0);
         reply.ok();
     }

@@ -114,6 +114,9 @@ struct MountArgs {
     /// Mount read-only (writes fail with EROFS)
     #[arg(long)]
     read_only: bool,
+    /// Serve upper files through imgfs instead of FUSE passthrough
+    #[arg(long)]
+    no_passthrough: bool,
     /// Seconds a read may wait for the registry before failing with EIO
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     read_timeout: u64,
@@ -295,6 +298,7 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         fs_name: reference.to_string(),
         allow_other: rustix::process::geteuid().is_root(),
         threads: args.threads,
+        passthrough: !args.no_passthrough,
     };
     let daemon = args.daemon_child;
     let log = cache.root().join("logs");

@@ -513,7 +513,8 @@ impl OverlayFs {
         Ok((attr, self.add_handle(Handle::Upper(Arc::new(fd.into())))))
     }
 
-    fn file(&self, fh: u64) -> Result<Arc<std::fs::File>, Errno> {
+    /// The upper file behind an open handle (for FUSE passthrough).
+    pub fn file(&self, fh: u64) -> Result<Arc<std::fs::File>, Errno> {
         match self.state().handles.get(&fh) {
             Some(Handle::Upper(file)) => Ok(file.clone()),
             _ => Err(Errno(libc::EBADF)),
