@@ -96,8 +96,10 @@ pub fn plan_body(
         }
         200 => {
             if content_length.is_some_and(|len| len != size) {
+                let len = content_length.unwrap_or_default();
                 return Err(format!(
-                    "ignored the Range and sent {content_length:?} bytes of a {size}-byte blob"
+                    "answered a Range request with a whole blob of {len} bytes where the manifest \
+                     says {size}: the stored blob is truncated or is not the one the manifest names"
                 ));
             }
             Ok(BodyPlan {
