@@ -70,15 +70,7 @@ impl Cache {
     /// `/var/cache/imgfs` as root, `$XDG_CACHE_HOME/imgfs` (or
     /// `~/.cache/imgfs`) otherwise.
     pub fn default_root() -> PathBuf {
-        if rustix::process::geteuid().is_root() {
-            return PathBuf::from(SYSTEM_ROOT);
-        }
-        std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir)
-            .join("imgfs")
+        per_user_dir(SYSTEM_ROOT, "XDG_CACHE_HOME", ".cache")
     }
 
     pub fn root(&self) -> &Path {
@@ -158,6 +150,20 @@ impl Cache {
             .map_err(|e| io_err(&path)(e.into()))?;
         Ok(LayerLock { _file: file })
     }
+}
+
+/// `system` as root; otherwise `$XDG_VAR/imgfs`, or `~/HOME_RELATIVE/imgfs`
+/// when the variable is unset (the XDG base directory rules).
+pub fn per_user_dir(system: &str, xdg_var: &str, home_relative: &str) -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from(system);
+    }
+    std::env::var_os(xdg_var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(home_relative)))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("imgfs")
 }
 
 /// A staged cache file (see [`Cache::staging`]).

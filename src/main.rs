@@ -213,6 +213,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Resolves the image and indexes its layers, with progress bars on stderr.
+fn prepare(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    cache: &Cache,
+    reference: &Reference,
+    platform: Option<&Platform>,
+) -> Result<mount::Prepared> {
+    let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    Ok(runtime.block_on(mount::prepare(
+        client, cache, reference, platform, &progress,
+    ))?)
+}
+
 /// Re-runs this command as a detached child and waits until it says the
 /// mount is live, or exits with its error (which it printed on our stderr).
 fn spawn_daemon(args: &MountArgs) -> Result<()> {
@@ -263,14 +277,7 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
     let cache = Cache::open(cache_dir)?;
     let runtime = runtime()?;
     let client = Client::new(client_options)?;
-    let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-    let prepared = runtime.block_on(mount::prepare(
-        &client,
-        &cache,
-        &reference,
-        platform.as_ref(),
-        &progress,
-    ))?;
+    let prepared = prepare(&runtime, &client, &cache, &reference, platform.as_ref())?;
     let image = mount::filesystem(
         &prepared,
         &client,
@@ -374,15 +381,7 @@ impl UpperDir {
 /// `/var/lib/imgfs` as root, `$XDG_STATE_HOME/imgfs` (or
 /// `~/.local/state/imgfs`) otherwise.
 fn state_dir() -> PathBuf {
-    if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/imgfs");
-    }
-    std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("imgfs")
+    imgfs::cache::per_user_dir("/var/lib/imgfs", "XDG_STATE_HOME", ".local/state")
 }
 
 /// Tells the waiting parent we are live, then points stdout/stderr at a log
@@ -454,14 +453,7 @@ fn diff(
             let platform = parse_platform(platform)?;
             let cache = Cache::open(cache_dir)?;
             let client = Client::new(client_options)?;
-            let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-            let prepared = runtime()?.block_on(mount::prepare(
-                &client,
-                &cache,
-                &reference,
-                platform.as_ref(),
-                &progress,
-            ))?;
+            let prepared = prepare(&runtime()?, &client, &cache, &reference, platform.as_ref())?;
             (dir.to_path_buf(), prepared.indexes)
         }
         None => {

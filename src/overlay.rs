@@ -23,7 +23,7 @@ use crate::fs::{Attr, Errno, FileKind, ImageFs, StatFs};
 use crate::union::{Ino, Node, NodeKind, ROOT};
 use crate::upper::{Found, Meta, Owner, SetAttr, SetTime, SpecialKind, Upper, UpperError};
 use rustix::fs::{FileType, OFlags, RenameFlags, Stat, Timespec};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -376,7 +376,7 @@ impl OverlayFs {
     fn merged_listing(&self, ino: Ino, dir: &Inode) -> Result<Vec<Listed>, Errno> {
         let path = self.path(ino)?;
         let mut out: Vec<Listed> = Vec::new();
-        let mut hidden: Vec<Vec<u8>> = Vec::new();
+        let mut hidden: HashSet<Vec<u8>> = HashSet::new();
         if let Some(upper) = &self.upper {
             let entries = match upper.list(&path) {
                 Ok(entries) => entries,
@@ -385,10 +385,12 @@ impl OverlayFs {
             };
             for (name, found) in entries {
                 match found {
-                    Found::Whiteout => hidden.push(name),
+                    Found::Whiteout => {
+                        hidden.insert(name);
+                    }
                     Found::Entry(stat) => {
                         let ino = self.upper_ino_hint(&stat, dir.lower, &name);
-                        hidden.push(name.clone());
+                        hidden.insert(name.clone());
                         out.push(Listed {
                             name,
                             ino,
