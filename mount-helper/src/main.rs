@@ -15,8 +15,8 @@ use std::process::{Command, ExitCode};
 const MOUNT_FAILURE: u8 = 32;
 /// Options mount(8) passes that mean nothing for imgfs.
 const IGNORED: &[&str] = &[
-    "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
-    "relatime", "noatime", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
+    "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "relatime",
+    "noatime", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
 ];
 
 fn main() -> ExitCode {
@@ -99,7 +99,10 @@ mod tests {
     #[test]
     fn options_map_one_to_one() {
         assert_eq!(map_option("rw").unwrap(), Vec::<std::ffi::OsString>::new());
-        assert_eq!(map_option("ro").unwrap(), vec![std::ffi::OsString::from("--read-only")]);
+        assert_eq!(
+            map_option("ro").unwrap(),
+            vec![std::ffi::OsString::from("--read-only")]
+        );
         assert_eq!(
             map_option("platform=linux/arm64").unwrap(),
             vec!["--platform".into(), "linux/arm64".into()] as Vec<std::ffi::OsString>
