@@ -44,6 +44,7 @@ pub enum FileKind {
     CharDevice,
     BlockDevice,
     Fifo,
+    Socket,
 }
 
 /// What `stat` shows for an inode.
@@ -60,6 +61,10 @@ pub struct Attr {
     pub rdev: u32,
     pub mtime: i64,
     pub mtime_nsec: u32,
+    pub atime: i64,
+    pub atime_nsec: u32,
+    pub ctime: i64,
+    pub ctime_nsec: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +160,11 @@ impl ImageFs {
             rdev,
             mtime: node.meta.mtime,
             mtime_nsec: node.meta.mtime_nsec,
+            // The image records one time; it is also the access and change time.
+            atime: node.meta.mtime,
+            atime_nsec: node.meta.mtime_nsec,
+            ctime: node.meta.mtime,
+            ctime_nsec: node.meta.mtime_nsec,
         })
     }
 

@@ -155,6 +155,7 @@ fn file_type(kind: FileKind) -> FileType {
         FileKind::CharDevice => FileType::CharDevice,
         FileKind::BlockDevice => FileType::BlockDevice,
         FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
     }
 }
 
@@ -169,14 +170,16 @@ fn system_time(secs: i64, nsec: u32) -> SystemTime {
 
 fn file_attr(a: &Attr) -> FileAttr {
     let mtime = system_time(a.mtime, a.mtime_nsec);
+    let atime = system_time(a.atime, a.atime_nsec);
+    let ctime = system_time(a.ctime, a.ctime_nsec);
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.blocks,
-        atime: mtime,
+        atime,
         mtime,
-        ctime: mtime,
-        crtime: mtime,
+        ctime,
+        crtime: ctime,
         kind: file_type(a.kind),
         perm: a.perm,
         nlink: a.nlink,

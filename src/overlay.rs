@@ -46,7 +46,8 @@ pub struct Caller {
 
 /// What an open file handle reads from.
 enum Handle {
-    Upper(Arc<std::fs::File>),
+    /// An upper file, with the inode it was opened as.
+    Upper(Ino, Arc<std::fs::File>),
     Dir(Arc<Vec<Listed>>),
 }
 
@@ -61,8 +62,10 @@ pub struct Listed {
 /// What the kernel knows an inode as.
 #[derive(Debug, Clone)]
 struct Inode {
-    parent: Ino,
-    name: Vec<u8>,
+    /// The names it was looked up by, as (directory, name); the last one is
+    /// used to reach it in the upper. Several for hardlinks; none once every
+    /// name is gone while the kernel still holds it (an open, unlinked file).
+    names: Vec<(Ino, Vec<u8>)>,
     /// For a directory: the image directory merged under it (none when the
     /// upper one is opaque or new). For anything else: the image entry it
     /// comes from, while it is not copied up.
@@ -70,6 +73,17 @@ struct Inode {
     /// Present in the upper directory.
     upper: bool,
     kind: FileKind,
+}
+
+impl Inode {
+    /// The directory of the most recent name (the root is its own parent).
+    fn parent(&self) -> Ino {
+        self.names.last().map_or(ROOT, |(p, _)| *p)
+    }
+
+    fn name(&self) -> &[u8] {
+        self.names.last().map_or(&[][..], |(_, n)| n)
+    }
 }
 
 struct State {
@@ -106,8 +120,7 @@ impl OverlayFs {
             _ => Some(ROOT),
         };
         let root = Inode {
-            parent: ROOT,
-            name: Vec::new(),
+            names: vec![(ROOT, Vec::new())],
             lower: root_lower,
             upper: upper.is_some(),
             kind: FileKind::Dir,
@@ -158,11 +171,29 @@ impl OverlayFs {
         let mut current = ino;
         while current != ROOT {
             let inode = state.inodes.get(&current).ok_or(Errno::ENOENT)?;
-            parts.push(&inode.name);
-            current = inode.parent;
+            let (parent, name) = inode.names.last().ok_or(Errno::ENOENT)?;
+            parts.push(name);
+            current = *parent;
         }
         parts.reverse();
         Ok(parts.join(&b'/'))
+    }
+
+    /// Records that `ino` is known as `name` in `parent` (most recent last).
+    fn add_name(state: &mut State, ino: Ino, fresh: Inode, parent: Ino, name: &[u8]) {
+        let inode = state.inodes.entry(ino).or_insert(fresh.clone());
+        inode.lower = fresh.lower;
+        inode.upper = fresh.upper;
+        inode.kind = fresh.kind;
+        inode.names.retain(|(p, n)| !(*p == parent && n == name));
+        inode.names.push((parent, name.to_vec()));
+    }
+
+    /// Forgets one name of `ino` (unlinked, or replaced by a rename).
+    fn drop_name(&self, ino: Ino, parent: Ino, name: &[u8]) {
+        if let Some(inode) = self.state().inodes.get_mut(&ino) {
+            inode.names.retain(|(p, n)| !(*p == parent && n == name));
+        }
     }
 
     fn lower_node(&self, ino: Ino) -> Result<&Node, Errno> {
@@ -217,13 +248,12 @@ impl OverlayFs {
             Located::Lower(l) => {
                 let attr = self.lower.getattr(l)?;
                 let inode = Inode {
-                    parent,
-                    name: name.to_vec(),
+                    names: Vec::new(),
                     lower: Some(l),
                     upper: false,
                     kind: attr.kind,
                 };
-                self.state().inodes.insert(l, inode);
+                Self::add_name(&mut self.state(), l, inode, parent, name);
                 Ok(attr)
             }
             Located::Upper { stat, lower } => {
@@ -240,16 +270,13 @@ impl OverlayFs {
                         ino
                     }
                 };
-                state.inodes.insert(
-                    ino,
-                    Inode {
-                        parent,
-                        name: name.to_vec(),
-                        lower,
-                        upper: true,
-                        kind,
-                    },
-                );
+                let inode = Inode {
+                    names: Vec::new(),
+                    lower,
+                    upper: true,
+                    kind,
+                };
+                Self::add_name(&mut state, ino, inode, parent, name);
                 drop(state);
                 let mut attr = attr_of(ino, &stat);
                 if let (FileKind::Dir, Some(l)) = (kind, lower) {
@@ -298,7 +325,7 @@ impl OverlayFs {
             return self.getattr_locked(parent);
         }
         if name == b".." {
-            return self.getattr_locked(dir.parent);
+            return self.getattr_locked(dir.parent());
         }
         let path = self.path(parent)?;
         match self.locate(&dir, &path, name)? {
@@ -314,6 +341,9 @@ impl OverlayFs {
 
     fn getattr_locked(&self, ino: Ino) -> Result<Attr, Errno> {
         let inode = self.inode(ino)?;
+        if inode.names.is_empty() {
+            return self.getattr_unlinked(ino);
+        }
         let Some(upper) = self.upper.as_ref().filter(|_| inode.upper) else {
             let mut attr = self.lower.getattr(inode.lower.unwrap_or(ROOT))?;
             attr.ino = ino;
@@ -337,9 +367,26 @@ impl OverlayFs {
         Ok(attr)
     }
 
+    /// `fstat` of a file that lost all its names while open: the kernel
+    /// does not say which open file it means, and any of them will do.
+    fn getattr_unlinked(&self, ino: Ino) -> Result<Attr, Errno> {
+        let file = self
+            .state()
+            .handles
+            .values()
+            .find_map(|h| match h {
+                Handle::Upper(i, file) if *i == ino => Some(file.clone()),
+                _ => None,
+            })
+            .ok_or(Errno::ENOENT)?;
+        let stat = rustix::fs::fstat(&*file).map_err(|e| Errno(e.raw_os_error()))?;
+        Ok(attr_of(ino, &stat))
+    }
+
     fn parent_and_name(&self, ino: Ino) -> Result<(Vec<u8>, Vec<u8>), Errno> {
         let inode = self.inode(ino)?;
-        Ok((self.path(inode.parent)?, inode.name))
+        let (parent, name) = inode.names.last().ok_or(Errno::ENOENT)?;
+        Ok((self.path(*parent)?, name.clone()))
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
@@ -417,7 +464,7 @@ impl OverlayFs {
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        let parent = dir.parent;
+        let parent = dir.parent();
         let mut all = vec![
             Listed {
                 name: b".".to_vec(),
@@ -491,7 +538,10 @@ impl OverlayFs {
     fn open_upper(&self, upper: &Upper, ino: Ino, flags: i32) -> Result<(u64, bool), Errno> {
         let (dir, name) = self.parent_and_name(ino)?;
         let fd = upper.open_file(&dir, &name, open_flags(flags), None)?;
-        Ok((self.add_handle(Handle::Upper(Arc::new(fd.into()))), false))
+        Ok((
+            self.add_handle(Handle::Upper(ino, Arc::new(fd.into()))),
+            false,
+        ))
     }
 
     pub fn create(
@@ -512,13 +562,14 @@ impl OverlayFs {
             Some((mode & 0o7777, owner)),
         )?;
         let attr = self.lookup_locked(parent, name)?;
-        Ok((attr, self.add_handle(Handle::Upper(Arc::new(fd.into())))))
+        let fh = self.add_handle(Handle::Upper(attr.ino, Arc::new(fd.into())));
+        Ok((attr, fh))
     }
 
     /// The upper file behind an open handle (for FUSE passthrough).
     pub fn file(&self, fh: u64) -> Result<Arc<std::fs::File>, Errno> {
         match self.state().handles.get(&fh) {
-            Some(Handle::Upper(file)) => Ok(file.clone()),
+            Some(Handle::Upper(_, file)) => Ok(file.clone()),
             _ => Err(Errno(libc::EBADF)),
         }
     }
@@ -584,14 +635,14 @@ impl OverlayFs {
         let lower = inode.lower.ok_or(Errno::EIO)?;
         if ino != ROOT {
             // Ancestors first, so each directory's inode knows it is in the upper.
-            self.copy_up(inode.parent)?;
+            self.copy_up(inode.parent())?;
         }
         if inode.kind == FileKind::Dir {
             let path = self.path(ino)?;
             upper.ensure_dirs(&path, &|prefix| self.meta_at(prefix))?;
         } else {
-            let dir = self.prepare_dir(inode.parent)?;
-            self.copy_up_entry(upper, &dir, &inode.name, lower)?;
+            let dir = self.prepare_dir(inode.parent())?;
+            self.copy_up_entry(upper, &dir, inode.name(), lower)?;
         }
         let (dir, name) = self.parent_and_name(ino)?;
         let stat = if ino == ROOT {
@@ -801,6 +852,7 @@ impl OverlayFs {
                 return Ok(attr);
             }
             libc::S_IFIFO => SpecialKind::Fifo,
+            libc::S_IFSOCK => SpecialKind::Socket,
             libc::S_IFCHR => SpecialKind::CharDevice {
                 major: rustix::fs::major(u64::from(rdev)),
                 minor: rustix::fs::minor(u64::from(rdev)),
@@ -847,7 +899,9 @@ impl OverlayFs {
         if attr.kind == FileKind::Dir {
             return Err(Errno(libc::EISDIR));
         }
-        self.remove_name(upper, parent, name)
+        self.remove_name(upper, parent, name)?;
+        self.drop_name(attr.ino, parent, name);
+        Ok(())
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<(), Errno> {
@@ -860,7 +914,9 @@ impl OverlayFs {
         if self.merged_listing(attr.ino, &dir)?.len() > 2 {
             return Err(Errno(libc::ENOTEMPTY));
         }
-        self.remove_name(upper, parent, name)
+        self.remove_name(upper, parent, name)?;
+        self.drop_name(attr.ino, parent, name);
+        Ok(())
     }
 
     /// Removes a name of the merged view: a whiteout when the image has it
@@ -945,17 +1001,20 @@ impl OverlayFs {
         if source.kind == FileKind::Dir {
             upper.set_opaque(&join(&to, new_name))?;
         }
-        match target {
+        match &target {
             Some(t) if exchange => {
                 if t.kind == FileKind::Dir {
                     upper.set_opaque(&join(&from, name))?;
                 }
-                self.moved(t.ino, parent, name);
+                self.moved(t.ino, (new_parent, new_name), (parent, name));
             }
-            _ if old_name_shows_image => upper.whiteout(&from, name)?,
-            _ => {}
+            Some(t) => self.drop_name(t.ino, new_parent, new_name),
+            None => {}
         }
-        self.moved(source.ino, new_parent, new_name);
+        if !exchange && old_name_shows_image {
+            upper.whiteout(&from, name)?;
+        }
+        self.moved(source.ino, (parent, name), (new_parent, new_name));
         Ok(())
     }
 
@@ -976,11 +1035,12 @@ impl OverlayFs {
         }
     }
 
-    fn moved(&self, ino: Ino, parent: Ino, name: &[u8]) {
+    /// `ino`'s name `from` became `to`.
+    fn moved(&self, ino: Ino, from: (Ino, &[u8]), to: (Ino, &[u8])) {
         let mut state = self.state();
         if let Some(inode) = state.inodes.get_mut(&ino) {
-            inode.parent = parent;
-            inode.name = name.to_vec();
+            inode.names.retain(|(p, n)| !(*p == from.0 && n == from.1));
+            inode.names.push((to.0, to.1.to_vec()));
             if inode.kind == FileKind::Dir {
                 inode.lower = None; // opaque from now on
             }
@@ -1124,6 +1184,7 @@ fn kind_of(stat: &Stat) -> FileKind {
         FileType::CharacterDevice => FileKind::CharDevice,
         FileType::BlockDevice => FileKind::BlockDevice,
         FileType::Fifo => FileKind::Fifo,
+        FileType::Socket => FileKind::Socket,
         _ => FileKind::File,
     }
 }
@@ -1141,6 +1202,10 @@ fn attr_of(ino: Ino, stat: &Stat) -> Attr {
         rdev: stat.st_rdev as u32,
         mtime: stat.st_mtime,
         mtime_nsec: stat.st_mtime_nsec as u32,
+        atime: stat.st_atime,
+        atime_nsec: stat.st_atime_nsec as u32,
+        ctime: stat.st_ctime,
+        ctime_nsec: stat.st_ctime_nsec as u32,
     }
 }
 

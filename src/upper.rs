@@ -131,9 +131,17 @@ pub struct Owner {
 #[derive(Debug, Clone)]
 pub enum SpecialKind {
     Symlink(Vec<u8>),
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
+    /// A Unix socket's name (what `bind` creates).
+    Socket,
 }
 
 /// A time for `setattr`.
@@ -911,6 +919,7 @@ fn make_special(dfd: BorrowedFd<'_>, name: &[u8], kind: &SpecialKind) -> rio::Re
             (FileType::BlockDevice, rfs::makedev(major, minor))
         }
         SpecialKind::Fifo => (FileType::Fifo, 0),
+        SpecialKind::Socket => (FileType::Socket, 0),
     };
     rfs::mknodat(dfd, name, ftype, Mode::from_raw_mode(TEMP_MODE), dev)
 }

@@ -378,3 +378,67 @@ fn image_symlinks_and_a_tampered_upper_never_lead_outside() {
         "imgfs wrote outside its upper"
     );
 }
+
+/// What pjdfstest found: names of hardlinks, open unlinked files, sockets,
+/// and access/change times.
+#[test]
+fn posix_details_found_by_pjdfstest() {
+    let reg = Registry::start(RegistryOptions::default());
+    let reference = push(&reg, "busybox", "busybox:posix", Compress::None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let mount = writable(
+        &reference,
+        &work.path().join("upper"),
+        &work.path().join("cache"),
+    );
+    let root = mount.path();
+
+    // Unlinking the name an inode was first found by leaves the others working.
+    fs::write(root.join("a"), b"data").expect("create");
+    fs::hard_link(root.join("a"), root.join("b")).expect("link");
+    fs::remove_file(root.join("a")).expect("unlink");
+    assert_eq!(
+        fs::symlink_metadata(root.join("b"))
+            .expect("stat b")
+            .nlink(),
+        1
+    );
+    fs::hard_link(root.join("b"), root.join("c")).expect("link from the surviving name");
+    assert_eq!(fs::read(root.join("c")).expect("read c"), b"data");
+
+    // An open file keeps answering fstat after its last name is gone.
+    let mut open = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join("c"))
+        .expect("open");
+    fs::remove_file(root.join("b")).expect("unlink b");
+    fs::remove_file(root.join("c")).expect("unlink c");
+    open.write_all(b"++").expect("write after unlink");
+    assert_eq!(open.metadata().expect("fstat after unlink").len(), 4);
+
+    // Unix sockets can be bound in the mount.
+    let socket = root.join("sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind a unix socket");
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(
+        &fs::symlink_metadata(&socket).expect("stat").file_type()
+    ));
+    drop(listener);
+
+    // chmod moves ctime; an explicit atime reads back.
+    let before = fs::symlink_metadata(root.join("etc/passwd")).expect("stat");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::set_permissions(root.join("etc/passwd"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let after = fs::symlink_metadata(root.join("etc/passwd")).expect("stat");
+    assert!(
+        (after.ctime(), after.ctime_nsec()) > (before.ctime(), before.ctime_nsec()),
+        "ctime did not move with chmod"
+    );
+    sh(root, "touch -a -d '2003-04-05 06:07:08' etc/passwd");
+    assert_eq!(
+        fs::symlink_metadata(root.join("etc/passwd"))
+            .expect("stat")
+            .atime(),
+        1_049_522_828
+    );
+}
