@@ -20,6 +20,7 @@
 //! the command line around it.
 
 pub mod cache;
+pub mod config;
 pub mod diff;
 pub mod digest;
 pub mod fs;

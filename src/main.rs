@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use imgfs::cache::Cache;
+use imgfs::config::Config;
 use imgfs::fuse::{self, FuseOptions};
 use imgfs::image::{self, Platform, ResolvedImage};
 use imgfs::mount;
@@ -49,6 +50,9 @@ struct Cli {
     /// Use plain HTTP for this registry (host[:port]); repeatable. Loopback registries always use HTTP
     #[arg(long = "insecure-registry", global = true, value_name = "HOST[:PORT]")]
     insecure_registries: Vec<String>,
+    /// Configuration file read after /etc/imgfs/config.toml, instead of ~/.config/imgfs/config.toml
+    #[arg(long, global = true, env = "IMGFS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -166,9 +170,16 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let cache_dir = cli.cache_dir.clone().unwrap_or_else(Cache::default_root);
+    // Flags (and their environment variables) win over the config files.
+    let config = Config::load(cli.config.as_deref())?;
+    let cache_dir = (cli.cache_dir.clone())
+        .or_else(|| config.cache_dir.clone())
+        .unwrap_or_else(Cache::default_root);
+    let mut insecure_registries = config.insecure_registries.clone();
+    insecure_registries.extend(cli.insecure_registries.iter().cloned());
     let client_options = ClientOptions {
-        insecure_registries: cli.insecure_registries.clone(),
+        insecure_registries,
+        mirrors: config.mirrors.clone(),
         ..ClientOptions::default()
     };
     match cli.command {

@@ -23,8 +23,13 @@ pub enum Source {
 }
 
 impl Source {
-    /// The foreign URLs that parse (http/https), then the registry.
-    pub fn all(blob: &BlobLocator) -> Vec<Source> {
+    /// The foreign URLs that parse (http/https), then the registry; only
+    /// the registry when `repo` is a mirror (the foreign URLs are tried
+    /// when the upstream's turn comes).
+    pub fn all(repo: &Repo, blob: &BlobLocator) -> Vec<Source> {
+        if repo.mirror {
+            return vec![Source::Registry];
+        }
         let foreign = blob
             .urls
             .iter()
@@ -85,7 +90,7 @@ impl Inner {
                 Err(reason) => Err(ctx.err(ErrorKind::Protocol(reason))),
             }
         };
-        let retries = self.opts.max_retries;
+        let retries = repo.retries(&self.opts);
         let registry_url = match source {
             Source::Foreign(url) => {
                 let request = Request::get(url.clone(), headers, Auth::None, retries);
@@ -164,7 +169,7 @@ impl Inner {
         if start == end {
             return Ok(Bytes::new());
         }
-        let sources = Source::all(blob);
+        let sources = Source::all(repo, blob);
         let mut last_error = None;
         for source in &sources {
             let ctx = Ctx {

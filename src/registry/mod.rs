@@ -7,7 +7,8 @@
 //! - [`credentials`]: docker `config.json` and credential helpers;
 //! - [`range`]: Range headers and the checks on partial responses;
 //! - [`blob`]: blob sources (foreign URLs, cached CDN redirects, the registry);
-//! - [`stream`]: the resumable whole-blob stream.
+//! - [`stream`]: the resumable whole-blob stream;
+//! - [`mirror`]: mirror endpoints tried before the registry, and when to skip one.
 //!
 //! Blob bytes are *not* verified here (the layer indexer hashes them while it
 //! reads); manifests are, because they are small and read whole.
@@ -16,6 +17,7 @@ mod auth;
 mod blob;
 mod credentials;
 mod error;
+mod mirror;
 mod range;
 #[cfg(test)]
 mod server_tests;
@@ -31,6 +33,8 @@ use bytes::Bytes;
 use reqwest::Url;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use serde::Serialize;
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -80,6 +84,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Longest wait for the response head and for each body chunk.
     pub read_timeout: Duration,
+    /// Registry (as references name it: `docker.io`, `host:5000`) → mirror
+    /// endpoints tried in order before it, for manifests and blobs.
+    pub mirrors: HashMap<String, Vec<Url>>,
 }
 
 impl Default for ClientOptions {
@@ -91,6 +98,7 @@ impl Default for ClientOptions {
             max_retries: DEFAULT_MAX_RETRIES,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
+            mirrors: HashMap::new(),
         }
     }
 }
@@ -126,9 +134,21 @@ pub(crate) struct Repo {
     pub repository: String,
     /// `scheme://api_host/v2/`.
     pub base: Url,
+    /// A mirror of the registry: `registry` is then the mirror's `host[:port]`.
+    pub mirror: bool,
 }
 
 impl Repo {
+    /// Retries of one request here: a failing mirror is better retried at
+    /// the next source.
+    fn retries(&self, opts: &ClientOptions) -> u32 {
+        if self.mirror {
+            mirror::MIRROR_RETRIES
+        } else {
+            opts.max_retries
+        }
+    }
+
     fn url(&self, kind: &str, reference: &str) -> Result<Url, RegistryError> {
         self.base
             .join(&format!("{}/{kind}/{reference}", self.repository))
@@ -176,6 +196,7 @@ impl Client {
             config_path,
             auth: auth::AuthCache::default(),
             redirects: Mutex::new(Default::default()),
+            dead_mirrors: mirror::DeadMirrors::default(),
         };
         Ok(Client {
             inner: Arc::new(inner),
@@ -203,7 +224,41 @@ impl Client {
             registry: r.registry.clone(),
             repository: r.repository.clone(),
             base,
+            mirror: false,
         })
+    }
+
+    /// Runs `op` against each mirror of `r`'s registry in order, then
+    /// against the registry, until one answers; see [`mirror`] for which
+    /// failures move on to the next source.
+    async fn with_mirrors<T, F, Fut>(&self, r: &Reference, mut op: F) -> Result<T, RegistryError>
+    where
+        F: FnMut(Repo) -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        let upstream = self.repo(r)?;
+        for repo in mirror::mirror_repos(&self.inner.opts, &self.inner.dead_mirrors, &upstream) {
+            let base = repo.base.clone();
+            let error = match op(repo).await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            match mirror::judge(&error) {
+                mirror::Verdict::Fail => return Err(error),
+                mirror::Verdict::Next => {
+                    tracing::info!("mirror of {}: {error}; trying the next source", r.registry);
+                }
+                mirror::Verdict::NextAndMarkDead => {
+                    tracing::info!(
+                        "mirror of {}: {error}; left out for {:?}, trying the next source",
+                        r.registry,
+                        mirror::DEAD_MIRROR_PAUSE
+                    );
+                    self.inner.dead_mirrors.mark_dead(&base);
+                }
+            }
+        }
+        op(upstream).await
     }
 
     /// Fetches the manifest `reference` (a tag or a digest) of `r`'s
@@ -215,7 +270,16 @@ impl Client {
         reference: &str,
         accept: &[&str],
     ) -> Result<FetchedManifest, RegistryError> {
-        let repo = self.repo(r)?;
+        self.with_mirrors(r, |repo| self.manifest_from(repo, reference, accept))
+            .await
+    }
+
+    async fn manifest_from(
+        &self,
+        repo: Repo,
+        reference: &str,
+        accept: &[&str],
+    ) -> Result<FetchedManifest, RegistryError> {
         let ctx = Ctx {
             registry: &repo.registry,
             what: format!(
@@ -237,7 +301,8 @@ impl Client {
         let auth = Auth::Registry {
             repository: repo.repository.clone(),
         };
-        let request = Request::get(url, headers, auth, self.inner.opts.max_retries);
+        let retries = repo.retries(&self.inner.opts);
+        let request = Request::get(url, headers, auth, retries);
         let response = self.inner.execute(&ctx, &request).await?;
         let media_type = response
             .resp
@@ -272,8 +337,10 @@ impl Client {
         r: &Reference,
         blob: &BlobLocator,
     ) -> Result<BlobStream, RegistryError> {
-        let repo = self.repo(r)?;
-        stream::open(self.inner.clone(), repo, blob.clone()).await
+        self.with_mirrors(r, |repo| {
+            stream::open(self.inner.clone(), repo, blob.clone())
+        })
+        .await
     }
 
     /// Exactly bytes `[start, end)` of the blob (`end <= blob.size`).
@@ -284,8 +351,10 @@ impl Client {
         start: u64,
         end: u64,
     ) -> Result<Bytes, RegistryError> {
-        let repo = self.repo(r)?;
-        self.inner.blob_range(&repo, blob, start, end).await
+        self.with_mirrors(r, |repo| async move {
+            self.inner.blob_range(&repo, blob, start, end).await
+        })
+        .await
     }
 }
 

@@ -673,3 +673,127 @@ async fn identity_tokens_use_the_oauth2_refresh_flow() {
         assert!(post.contains(part), "{part} missing from {post}");
     }
 }
+
+// ------------------------------------------------------------------ mirrors
+
+fn with_mirrors(upstream: &Server, mirrors: &[&Server]) -> Client {
+    let endpoints = mirrors
+        .iter()
+        .map(|m| Url::parse(&format!("http://{}", m.addr)).expect("mirror URL"))
+        .collect();
+    client_with(|o| {
+        o.mirrors.insert(upstream.registry(), endpoints);
+    })
+}
+
+#[tokio::test]
+async fn a_mirror_serves_manifests_blobs_and_ranges_with_its_own_token() {
+    let manifest = br#"{"schemaVersion":2,"from":"mirror"}"#.to_vec();
+    let data = Arc::new(blob_bytes(10_000));
+    let served = data.clone();
+    let mirror = Server::start(move |_, head| {
+        let path = path_of(head);
+        if path.starts_with("/token") {
+            return Reply::Send(response("200 OK", &[], br#"{"token":"mirror-tok"}"#));
+        }
+        if header_value(head, "authorization") != Some("Bearer mirror-tok") {
+            let host = header_value(head, "host").unwrap_or_default();
+            let challenge = format!(r#"Bearer realm="http://{host}/token",service="mirror""#);
+            return Reply::Send(response(
+                "401 Unauthorized",
+                &[("WWW-Authenticate", challenge)],
+                b"",
+            ));
+        }
+        if path.contains("/manifests/") {
+            return Reply::Send(response("200 OK", &[], &manifest));
+        }
+        Reply::Send(serve_range(&served, head))
+    });
+    let upstream =
+        Server::start(|_, _| Reply::Send(response("500 Internal Server Error", &[], b"")));
+    let c = with_mirrors(&upstream, &[&mirror]);
+    let r = upstream.reference("team/app:v1");
+    let m = c.manifest(&r, "v1", &[]).await.expect("manifest by tag");
+    assert!(m.bytes.ends_with(br#""mirror"}"#));
+    let blob = locator(&data);
+    let whole = collect(c.blob(&r, &blob).await.expect("blob")).await;
+    assert_eq!(whole.expect("whole blob"), *data);
+    let part = c.blob_range(&r, &blob, 100, 5000).await.expect("range");
+    assert_eq!(&part[..], &data[100..5000]);
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    let requests = mirror.requests();
+    let paths: Vec<&str> = requests.iter().map(|h| path_of(h)).collect();
+    assert!(
+        paths[0].starts_with("/v2/team/app/manifests/v1"),
+        "{paths:?}"
+    );
+    assert!(paths[1].starts_with("/token?"), "{paths:?}");
+    assert_eq!(
+        paths.iter().filter(|p| p.starts_with("/token")).count(),
+        1,
+        "one token for the mirror, then cached: {paths:?}"
+    );
+}
+
+#[tokio::test]
+async fn failing_mirrors_fall_back_in_order_and_a_dead_one_is_left_out() {
+    let data = Arc::new(blob_bytes(4096));
+    let served = data.clone();
+    let busy = Server::start(|_, _| Reply::Send(response("503 Service Unavailable", &[], b"")));
+    let refusing = Server::start(|_, _| {
+        Reply::Send(response(
+            "401 Unauthorized",
+            &[("WWW-Authenticate", r#"Basic realm="m""#.to_string())],
+            b"",
+        ))
+    });
+    let empty = Server::start(|_, _| {
+        Reply::Send(response(
+            "404 Not Found",
+            &[],
+            br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}"#,
+        ))
+    });
+    let upstream = Server::start(move |_, head| Reply::Send(serve_range(&served, head)));
+    let c = with_mirrors(&upstream, &[&busy, &refusing, &empty]);
+    let r = upstream.reference("team/app:v1");
+    let blob = locator(&data);
+    for _ in 0..2 {
+        let part = c
+            .blob_range(&r, &blob, 10, 20)
+            .await
+            .expect("from upstream");
+        assert_eq!(&part[..], &data[10..20]);
+    }
+    assert_eq!(
+        busy.requests().len(),
+        1,
+        "no retry, then left out for a while"
+    );
+    assert_eq!(
+        refusing.requests().len(),
+        2,
+        "an auth refusal is not a dead mirror"
+    );
+    assert_eq!(empty.requests().len(), 2);
+    assert_eq!(upstream.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_digest_mismatch_from_a_mirror_is_an_error_not_a_fallback() {
+    let good = br#"{"schemaVersion":2}"#.to_vec();
+    let digest = Digest::of(&good);
+    let mirror = Server::start(|_, _| {
+        Reply::Send(response("200 OK", &[], br#"{"schemaVersion":2,"evil":1}"#))
+    });
+    let upstream = Server::start(move |_, _| Reply::Send(response("200 OK", &[], &good)));
+    let c = with_mirrors(&upstream, &[&mirror]);
+    let e = c
+        .manifest(&upstream.reference("team/app:v1"), &digest.to_string(), &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e.kind, ErrorKind::DigestMismatch { .. }), "{e}");
+    assert!(e.to_string().contains(&mirror.registry()), "{e}");
+    assert!(upstream.requests().is_empty());
+}

@@ -64,7 +64,7 @@ pub async fn open(
     let mut opened = None;
     if size > 0 {
         let mut last_error = None;
-        for source in Source::all(&blob) {
+        for source in Source::all(&repo, &blob) {
             let ctx = Ctx {
                 registry: &repo.registry,
                 what: what(&repo, &blob, None, &source),

@@ -94,6 +94,8 @@ pub struct Inner {
     /// Where blob GETs were last redirected (signed CDN URLs), reused for a
     /// short while so each Range read does not go through the registry again.
     pub redirects: Mutex<HashMap<String, (Url, Instant)>>,
+    /// Mirror endpoints left out for a while after failing.
+    pub dead_mirrors: super::mirror::DeadMirrors,
 }
 
 /// Why one attempt failed, and what to do about it.
