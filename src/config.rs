@@ -16,6 +16,9 @@ pub const SYSTEM_CONFIG: &str = "/etc/imgfs/config.toml";
 /// Replaces the user's file when set.
 pub const CONFIG_ENV: &str = "IMGFS_CONFIG";
 
+/// Other names of Docker Hub, which references always call `docker.io`.
+const DOCKER_HUB_ALIASES: &[&str] = &["index.docker.io", "registry-1.docker.io"];
+
 /// Multipliers of the size suffixes, lowercased.
 const SIZE_UNITS: &[(&str, u64)] = &[
     ("", 1),
@@ -203,6 +206,11 @@ impl Config {
         let file: FileConfig =
             toml::from_str(text).map_err(|e| invalid(path, text, e.span(), e.message()))?;
         if let Some(dir) = file.cache_dir {
+            if !dir.is_absolute() {
+                let span = text.find("cache_dir").map(|at| at..at);
+                let reason = format!("{} is not an absolute path", dir.display());
+                return Err(invalid(path, text, span, &reason));
+            }
             self.cache_dir = Some(dir);
         }
         if let Some(max) = file.cache_max {
@@ -222,9 +230,20 @@ impl Config {
                 return Err(invalid(path, text, span, &reason));
             }
             let endpoints = entry.endpoints.into_iter().map(|e| e.0).collect();
-            self.mirrors.insert(registry, endpoints);
+            self.mirrors.insert(registry_key(&registry), endpoints);
         }
         Ok(())
+    }
+}
+
+/// The registry as references name it: Docker Hub is `docker.io` whatever
+/// the file calls it; host names are case-insensitive.
+fn registry_key(registry: &str) -> String {
+    let lower = registry.to_ascii_lowercase();
+    if DOCKER_HUB_ALIASES.contains(&lower.as_str()) {
+        crate::reference::DOCKER_HUB.to_string()
+    } else {
+        lower
     }
 }
 
@@ -351,6 +370,12 @@ endpoints = ["http://two"]
         assert_eq!(c.insecure_registries, ["x"]);
         assert_eq!(c.mirrors["docker.io"][0].as_str(), "http://two/");
         assert_eq!(c.mirrors["quay.io"][0].as_str(), "http://q/");
+        let third = "[[mirrors]]\nregistry = \"Index.Docker.io\"\nendpoints = []\n";
+        c.merge_str(Path::new("/x.toml"), third).unwrap();
+        assert!(
+            c.mirrors["docker.io"].is_empty(),
+            "an alias names Docker Hub"
+        );
     }
 
     #[test]
@@ -387,6 +412,11 @@ endpoints = ["http://two"]
         assert!(e.contains(":2: ") && e.contains("docker.io/library"), "{e}");
         let e = error_line("[[mirrors]]\nendpoints = []\n");
         assert!(e.contains("registry"), "{e}");
+        let e = error_line("\n\ncache_dir = \"cache\"\n");
+        assert!(
+            e.contains(":3: key cache_dir: ") && e.contains("absolute"),
+            "{e}"
+        );
         let e = error_line("cache_dir = \n");
         assert!(e.contains(":1: "), "{e}");
     }

@@ -63,7 +63,11 @@ pub fn api_base(endpoint: &Url) -> Url {
 /// The mirrors of `upstream`'s registry, in order, as repositories to ask,
 /// without those recently found dead.
 pub fn mirror_repos(opts: &ClientOptions, dead: &DeadMirrors, upstream: &Repo) -> Vec<Repo> {
-    let Some(endpoints) = opts.mirrors.get(&upstream.registry) else {
+    // Host names are case-insensitive.
+    let Some(endpoints) = (opts.mirrors.iter())
+        .find(|(registry, _)| registry.eq_ignore_ascii_case(&upstream.registry))
+        .map(|(_, endpoints)| endpoints)
+    else {
         return Vec::new();
     };
     endpoints
@@ -176,6 +180,11 @@ mod tests {
             ..upstream
         };
         assert!(mirror_repos(&opts, &dead, &other).is_empty());
+        let shouting = Repo {
+            registry: "DOCKER.IO".into(),
+            ..other
+        };
+        assert_eq!(mirror_repos(&opts, &dead, &shouting).len(), 1);
     }
 
     #[test]
