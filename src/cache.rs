@@ -8,6 +8,8 @@
 //! blobs/<hex>     sparse file: verified blocks of the blob at their own offsets
 //! spill/<hex>     decompressed tar stream of a single-frame zstd layer
 //! locks/<hex>     flock held while a layer is being indexed
+//! locks/<hex>-fetch.<n>  flock held while fetching stripe n of a blob
+//! images/<hex>.json      image records (see `store`)
 //! tmp/            staging for atomic writes
 //! ```
 //!
@@ -87,6 +89,12 @@ impl Cache {
 
     pub fn spill_path(&self, layer: &Digest) -> PathBuf {
         self.root.join(SPILL).join(layer.hex())
+    }
+
+    /// Prefix of the lock files that keep processes from fetching the same
+    /// blocks of `layer` at once (see [`crate::source::BlockSource`]).
+    pub fn fetch_lock_prefix(&self, layer: &Digest) -> PathBuf {
+        self.root.join(LOCKS).join(format!("{}-fetch", layer.hex()))
     }
 
     /// The persisted index of `layer`, if there is a readable one of this

@@ -33,5 +33,6 @@ pub mod record;
 pub mod reference;
 pub mod registry;
 pub mod source;
+pub mod store;
 pub mod union;
 pub mod upper;

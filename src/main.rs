@@ -12,13 +12,16 @@ use imgfs::overlay::OverlayFs;
 use imgfs::record::MountRecord;
 use imgfs::reference::Reference;
 use imgfs::registry::{Client, ClientOptions};
+use imgfs::store;
 use imgfs::upper::Upper;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// What the daemon child prints on stdout once the mount is live.
 const READY: &str = "ready";
@@ -83,6 +86,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List live mounts: mountpoint, image, upper, pid, log, bytes fetched
+    Ps {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images in the cache (same as `imgfs cache ls`)
+    Images {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and bound the cache
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Fetch an image fully into the cache, so later mounts read nothing from the network
+    Pull {
+        /// Image reference, e.g. alpine, 127.0.0.1:5000/team/app:v2, repo@sha256:...
+        reference: String,
+        /// Platform to pull from a multi-arch image, os/arch[/variant] [default: this host's]
+        #[arg(long)]
+        platform: Option<String>,
+    },
     /// Show an image's platforms, manifest, layers and config without mounting it
     Inspect {
         /// Image reference, e.g. alpine, 127.0.0.1:5000/team/app:v2, repo@sha256:...
@@ -93,6 +119,39 @@ enum Command {
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Images seen (references, digest, layers, bytes cached vs size, last use, where mounted)
+    Ls {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image and the layers no other image uses (refused while mounted)
+    Rm {
+        /// Reference, manifest digest, or a prefix of its hex
+        target: String,
+        /// Remove the image record even while mounted (its layers stay until the mount ends)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Evict cached layer data, least recently used first; layers of live mounts are kept
+    #[command(
+        after_help = "Without options, removes layers no image uses.\nExamples:\n  imgfs cache prune --max 10G\n  imgfs cache prune --older-than 7d\n  imgfs cache prune --all"
+    )]
+    Prune {
+        /// Everything not mounted, indexes and image records included
+        #[arg(long)]
+        all: bool,
+        /// Layers of images not used for this long (30m, 12h, 7d, 2w)
+        #[arg(long, value_name = "DURATION", value_parser = store::parse_duration)]
+        older_than: Option<Duration>,
+        /// Evict until the cache is at most this big (512M, 10G)
+        #[arg(long, value_name = "SIZE", value_parser = store::parse_size)]
+        max: Option<u64>,
     },
 }
 
@@ -124,6 +183,9 @@ struct MountArgs {
     /// Seconds a read may wait for the registry before failing with EIO
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     read_timeout: u64,
+    /// Keep the cache under SIZE (512M, 10G) by evicting data of unmounted images, checked every 30 s
+    #[arg(long, value_name = "SIZE", value_parser = store::parse_size)]
+    cache_max: Option<u64>,
     #[arg(long = "daemon-child", hide = true)]
     daemon_child: bool,
 }
@@ -201,6 +263,27 @@ fn run(cli: Cli) -> Result<()> {
             &cache_dir,
             client_options,
         ),
+        Command::Ps { json } => ps(json),
+        Command::Images { json } | Command::Cache(CacheCommand::Ls { json }) => {
+            cache_ls(&cache_dir, json)
+        }
+        Command::Cache(CacheCommand::Rm { target, force }) => cache_rm(&cache_dir, &target, force),
+        Command::Cache(CacheCommand::Prune {
+            all,
+            older_than,
+            max,
+        }) => {
+            let options = store::PruneOptions {
+                all,
+                older_than,
+                max_bytes: max,
+            };
+            cache_prune(&cache_dir, &options)
+        }
+        Command::Pull {
+            reference,
+            platform,
+        } => pull(&reference, platform.as_deref(), &cache_dir, client_options),
         Command::Inspect {
             reference,
             platform,
@@ -232,10 +315,15 @@ fn prepare(
     reference: &Reference,
     platform: Option<&Platform>,
 ) -> Result<mount::Prepared> {
-    let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let progress = progress_target();
     Ok(runtime.block_on(mount::prepare(
         client, cache, reference, platform, &progress,
     ))?)
+}
+
+/// Bars on stderr; indicatif hides them when stderr is not a terminal.
+fn progress_target() -> MultiProgress {
+    MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
 }
 
 /// Re-runs this command as a detached child and waits until it says the
@@ -289,13 +377,14 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
     let runtime = runtime()?;
     let client = Client::new(client_options)?;
     let prepared = prepare(&runtime, &client, &cache, &reference, platform.as_ref())?;
-    let image = mount::filesystem(
-        &prepared,
-        &client,
-        &cache,
-        runtime.handle().clone(),
-        Duration::from_secs(args.read_timeout),
-    )?;
+    note_use(&cache, &prepared);
+    let network = mount::Network {
+        client,
+        runtime: runtime.handle().clone(),
+        read_timeout: Duration::from_secs(args.read_timeout),
+        fetched: Arc::new(AtomicU64::new(0)),
+    };
+    let image = mount::filesystem(&prepared, &cache, &network)?;
     let upper_dir = UpperDir::choose(args)?;
     let upper = match &upper_dir {
         Some(dir) => Some(
@@ -319,7 +408,10 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         passthrough: !args.no_passthrough,
     };
     let daemon = args.daemon_child;
-    let log = cache.root().join("logs");
+    let log = cache
+        .root()
+        .join("logs")
+        .join(format!("mount-{}.log", std::process::id()));
     let record = MountRecord {
         mountpoint: args
             .mountpoint
@@ -336,22 +428,30 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         cache_dir: cache.root().to_path_buf(),
         upper: upper_dir.as_ref().map(|u| u.path().to_path_buf()),
         pid: std::process::id(),
+        log: daemon.then(|| log.clone()),
+        fetched_bytes: 0,
     };
-    let mut record_file = None;
+    let mut housekeeper = None;
     let served = fuse::serve(fs, &args.mountpoint, &options, |unmounter| {
         unmount_on_signal(&runtime, unmounter);
-        match record.save(&state_dir()) {
-            Ok(path) => record_file = Some(path),
-            Err(e) => tracing::warn!(error = %e, "imgfs diff will not find this mount"),
+        if let Err(e) = record.save(&state_dir()) {
+            tracing::warn!(error = %e, "imgfs diff and imgfs ps will not find this mount");
         }
+        housekeeper = Some(Housekeeper::start(
+            record.clone(),
+            network.fetched.clone(),
+            args.cache_max,
+        ));
         tracing::info!(mountpoint = %args.mountpoint.display(), image = %prepared.image.manifest_digest, "mounted");
         if daemon {
             announce_ready(&log);
         }
     });
-    if let Some(path) = record_file {
-        let _ = std::fs::remove_file(path);
+    if let Some(h) = housekeeper {
+        h.stop();
     }
+    record.remove(&state_dir());
+    note_end(&cache, &prepared);
     served.with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
     drop(upper_dir);
     Ok(())
@@ -395,18 +495,21 @@ fn state_dir() -> PathBuf {
     imgfs::cache::per_user_dir("/var/lib/imgfs", "XDG_STATE_HOME", ".local/state")
 }
 
-/// Tells the waiting parent we are live, then points stdout/stderr at a log
-/// file so the mount outlives the terminal.
-fn announce_ready(log_dir: &Path) {
+/// Tells the waiting parent we are live, then points stdout/stderr at the
+/// log file so the mount outlives the terminal.
+fn announce_ready(log: &Path) {
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "{READY}").and_then(|()| stdout.flush());
-    let log = std::fs::create_dir_all(log_dir).and_then(|()| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_dir.join(format!("mount-{}.log", std::process::id())))
-    });
-    let target = match log {
+    let file = log
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+        });
+    let target = match file {
         Ok(file) => file,
         Err(_) => match std::fs::OpenOptions::new().write(true).open("/dev/null") {
             Ok(null) => null,
@@ -416,6 +519,286 @@ fn announce_ready(log_dir: &Path) {
     let _ = rustix::stdio::dup2_stdout(&target);
     let _ = rustix::stdio::dup2_stderr(&target);
 }
+
+/// Seconds between rewrites of the mount record with the bytes fetched.
+const STATS_EVERY: Duration = Duration::from_secs(2);
+/// Seconds between checks of `--cache-max`.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+/// The mount's background chores: publish the bytes fetched in the mount
+/// record (for `imgfs ps`) and keep the cache under `--cache-max`.
+struct Housekeeper {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Housekeeper {
+    fn start(record: MountRecord, fetched: Arc<AtomicU64>, cache_max: Option<u64>) -> Housekeeper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || housekeep(record, &fetched, cache_max, &flag));
+        Housekeeper { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
+}
+
+fn housekeep(
+    mut record: MountRecord,
+    fetched: &AtomicU64,
+    cache_max: Option<u64>,
+    stop: &AtomicBool,
+) {
+    let mut last_prune: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::park_timeout(STATS_EVERY);
+        let now = fetched.load(Ordering::Relaxed);
+        if now != record.fetched_bytes && !stop.load(Ordering::Relaxed) {
+            record.fetched_bytes = now;
+            let _ = record.save(&state_dir());
+        }
+        let due = last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+        if let (Some(max), true) = (cache_max, due) {
+            last_prune = Some(Instant::now());
+            bound_cache(&record.cache_dir, max);
+        }
+    }
+}
+
+/// Evicts least recently used data of unmounted images while the cache is over `max`.
+fn bound_cache(cache_dir: &Path, max: u64) {
+    let Ok(cache) = Cache::open(cache_dir) else {
+        return;
+    };
+    if store::total_usage(&cache) <= max {
+        return;
+    }
+    let mounts = store::mounts_of(&cache, &MountRecord::live(&state_dir()));
+    let options = store::PruneOptions {
+        max_bytes: Some(max),
+        ..store::PruneOptions::default()
+    };
+    match store::prune(&cache, &options, &mounts) {
+        Ok(freed) => tracing::info!(
+            bytes = freed.bytes,
+            layers = freed.layers.len(),
+            "cache over --cache-max: pruned"
+        ),
+        Err(e) => tracing::warn!(error = %e, "pruning the cache failed"),
+    }
+}
+
+/// Records that the image is in use (for `imgfs cache ls` and LRU eviction).
+fn note_use(cache: &Cache, prepared: &mount::Prepared) {
+    if let Err(e) = store::record_use(cache, &prepared.image) {
+        tracing::warn!(error = %e, "imgfs cache ls will not list this image");
+    }
+}
+
+fn note_end(cache: &Cache, prepared: &mount::Prepared) {
+    if let Err(e) = store::touch(cache, &prepared.image.manifest_digest) {
+        tracing::warn!(error = %e, "could not update the image's last use");
+    }
+}
+
+fn ps(json: bool) -> Result<()> {
+    let mounts = MountRecord::live(&state_dir());
+    if json {
+        let rows: Vec<serde_json::Value> = mounts.iter().map(mount_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<28} {:<40} {:<19} {:>8} {:>10}  UPPER / LOG",
+        "MOUNTPOINT", "REFERENCE", "DIGEST", "PID", "FETCHED"
+    )?;
+    for m in &mounts {
+        writeln!(
+            out,
+            "{:<28} {:<40} {:<19} {:>8} {:>10}  {} / {}",
+            m.mountpoint.display(),
+            m.reference,
+            short(&m.manifest_digest),
+            m.pid,
+            human_bytes(m.fetched_bytes),
+            m.upper
+                .as_deref()
+                .map_or("(read-only)".into(), |u| u.display().to_string()),
+            m.log
+                .as_deref()
+                .map_or("(foreground)".into(), |l| l.display().to_string()),
+        )?;
+    }
+    Ok(())
+}
+
+fn mount_json(m: &MountRecord) -> serde_json::Value {
+    serde_json::json!({
+        "mountpoint": m.mountpoint, "reference": m.reference,
+        "manifest_digest": m.manifest_digest.to_string(),
+        "layers": m.layers.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+        "cache_dir": m.cache_dir, "upper": m.upper, "pid": m.pid, "log": m.log,
+        "fetched_bytes": m.fetched_bytes,
+    })
+}
+
+/// `sha256:` and the first 12 hex digits, as docker shows image ids.
+fn short(digest: &imgfs::digest::Digest) -> String {
+    format!("sha256:{}", &digest.hex()[..12])
+}
+
+fn cache_ls(cache_dir: &Path, json: bool) -> Result<()> {
+    let cache = Cache::open(cache_dir)?;
+    let mounts = store::mounts_of(&cache, &MountRecord::live(&state_dir()));
+    let rows: Vec<serde_json::Value> = store::images(&cache)
+        .iter()
+        .map(|image| image_json(&cache, image, &mounts))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<48} {:<19} {:>6} {:>10} {:>10} {:>20}  MOUNTED ON",
+        "REFERENCE", "DIGEST", "LAYERS", "CACHED", "SIZE", "LAST USED"
+    )?;
+    for (image, row) in store::images(&cache).iter().zip(&rows) {
+        let n = |k: &str| row[k].as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "{:<48} {:<19} {:>6} {:>10} {:>10} {:>20}  {}",
+            image.references.join(","),
+            short(&image.manifest_digest),
+            image.layers.len(),
+            human_bytes(n("cached_bytes")),
+            human_bytes(n("size")),
+            ago(image.last_used),
+            row["mounted_on"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
+        )?;
+    }
+    Ok(())
+}
+
+fn image_json(
+    cache: &Cache,
+    image: &store::ImageRecord,
+    mounts: &[MountRecord],
+) -> serde_json::Value {
+    let layers: Vec<serde_json::Value> = image
+        .layers
+        .iter()
+        .map(|l| {
+            let usage = store::layer_usage(cache, &l.digest);
+            serde_json::json!({
+                "digest": l.digest.to_string(), "size": l.size, "cached_data": usage.data,
+                "spill": usage.spill, "index": usage.index,
+            })
+        })
+        .collect();
+    let cached: u64 = image
+        .layers
+        .iter()
+        .map(|l| store::layer_usage(cache, &l.digest).total())
+        .sum();
+    serde_json::json!({
+        "references": image.references,
+        "manifest_digest": image.manifest_digest.to_string(),
+        "size": image.layers.iter().map(|l| l.size).sum::<u64>(),
+        "cached_bytes": cached,
+        "last_used": image.last_used,
+        "layers": layers,
+        "mounted_on": mounts.iter().filter(|m| m.manifest_digest == image.manifest_digest)
+            .map(|m| m.mountpoint.display().to_string()).collect::<Vec<_>>(),
+    })
+}
+
+/// `3m ago`, `2h ago`, `5d ago`.
+fn ago(secs: u64) -> String {
+    let d = store::now_secs().saturating_sub(secs);
+    match d {
+        0..60 => format!("{d}s ago"),
+        60..3600 => format!("{}m ago", d / 60),
+        3600..86_400 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86_400),
+    }
+}
+
+fn cache_rm(cache_dir: &Path, target: &str, force: bool) -> Result<()> {
+    let cache = Cache::open(cache_dir)?;
+    let mounts = store::mounts_of(&cache, &MountRecord::live(&state_dir()));
+    let freed = store::remove(&cache, target, &mounts, force)?;
+    println!(
+        "removed {target}: {} layers, {} freed",
+        freed.layers.len(),
+        human_bytes(freed.bytes)
+    );
+    Ok(())
+}
+
+fn cache_prune(cache_dir: &Path, options: &store::PruneOptions) -> Result<()> {
+    let cache = Cache::open(cache_dir)?;
+    let mounts = store::mounts_of(&cache, &MountRecord::live(&state_dir()));
+    let freed = store::prune(&cache, options, &mounts)?;
+    println!(
+        "evicted {} layers, {} freed; cache now {}",
+        freed.layers.len(),
+        human_bytes(freed.bytes),
+        human_bytes(store::total_usage(&cache))
+    );
+    Ok(())
+}
+
+/// Resolves, indexes and fetches every layer, then says how much moved.
+fn pull(
+    reference: &str,
+    platform: Option<&str>,
+    cache_dir: &Path,
+    client_options: ClientOptions,
+) -> Result<()> {
+    let reference: Reference = reference.parse()?;
+    let platform = parse_platform(platform)?;
+    let cache = Cache::open(cache_dir)?;
+    let runtime = runtime()?;
+    let client = Client::new(client_options)?;
+    let started = Instant::now();
+    let prepared = prepare(&runtime, &client, &cache, &reference, platform.as_ref())?;
+    note_use(&cache, &prepared);
+    let network = mount::Network {
+        client,
+        runtime: runtime.handle().clone(),
+        read_timeout: Duration::from_secs(PULL_READ_TIMEOUT),
+        fetched: Arc::new(AtomicU64::new(0)),
+    };
+    let progress = progress_target();
+    mount::warm(&prepared, &cache, &network, &progress)?;
+    println!(
+        "{}: {} layers, {} fetched in {:.1}s; digest {}",
+        prepared.image.reference,
+        prepared.image.layers.len(),
+        human_bytes(network.fetched.load(Ordering::Relaxed)),
+        started.elapsed().as_secs_f64(),
+        prepared.image.manifest_digest
+    );
+    Ok(())
+}
+
+/// Seconds one Range request of a pull may take.
+const PULL_READ_TIMEOUT: u64 = 120;
 
 fn unmount_on_signal(runtime: &tokio::runtime::Runtime, mut unmounter: fuser::SessionUnmounter) {
     runtime.spawn(async move {

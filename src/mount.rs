@@ -22,6 +22,7 @@ use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::{self, Read};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -49,6 +50,8 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Source(#[from] layer::SourceError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -216,6 +219,8 @@ struct RegistryFetcher {
     layer: LayerDescriptor,
     runtime: Handle,
     timeout: Duration,
+    /// Shared by every layer of the mount, for `imgfs ps`.
+    fetched: Arc<AtomicU64>,
 }
 
 impl RangeFetcher for RegistryFetcher {
@@ -229,7 +234,11 @@ impl RangeFetcher for RegistryFetcher {
             .runtime
             .block_on(async move { tokio::time::timeout(timeout, request).await })
         {
-            Ok(Ok(bytes)) => Ok(bytes.to_vec()),
+            Ok(Ok(bytes)) => {
+                self.fetched
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(bytes.to_vec())
+            }
             Ok(Err(e)) => Err(layer::SourceError(e.to_string())),
             Err(_) => Err(layer::SourceError(format!(
                 "{}: bytes {start}-{end}: no answer within {:?}",
@@ -244,55 +253,148 @@ impl RangeFetcher for RegistryFetcher {
     }
 }
 
+/// How the layer readers of one mount reach the registry.
+#[derive(Clone)]
+pub struct Network {
+    pub client: Client,
+    pub runtime: Handle,
+    /// How long a read may wait for the registry.
+    pub read_timeout: Duration,
+    /// Bytes fetched by every layer, counted for `imgfs ps`.
+    pub fetched: Arc<AtomicU64>,
+}
+
 /// Builds the filesystem for a prepared image: the union tree and one
 /// reader per layer over the cache and the registry.
 pub fn filesystem(
     prepared: &Prepared,
-    client: &Client,
     cache: &Cache,
-    runtime: Handle,
-    read_timeout: Duration,
+    network: &Network,
 ) -> Result<ImageFs, MountError> {
     let tree = Tree::build(&prepared.indexes);
     let mut readers = Vec::with_capacity(prepared.indexes.len());
     for (index, layer) in prepared.indexes.iter().zip(&prepared.image.layers) {
-        let digest = layer.blob.digest;
-        let io_err = |what| {
-            move |source| MountError::Io {
-                digest,
-                what,
-                source,
-            }
-        };
-        let source: Arc<dyn BlobSource> = match index.access {
-            Access::Spill => Arc::new(
-                SpillSource::open(
-                    &cache.spill_path(&digest),
-                    index.stream_size,
-                    index.block_digests.clone(),
-                )
-                .map_err(io_err("opening the decompressed layer in the cache"))?,
-            ),
-            Access::Tar | Access::Gzip { .. } => {
-                let fetcher = RegistryFetcher {
-                    client: client.clone(),
-                    reference: prepared.image.reference.clone(),
-                    layer: layer.clone(),
-                    runtime: runtime.clone(),
-                    timeout: read_timeout,
-                };
-                Arc::new(
-                    BlockSource::open(
-                        &cache.blob_path(&digest),
-                        index.blob_size,
-                        index.block_digests.clone(),
-                        Arc::new(fetcher),
-                    )
-                    .map_err(io_err("opening the block cache"))?,
-                )
-            }
-        };
+        let source = layer_source(prepared, cache, network, index, layer)?;
         readers.push(LayerReader::new(index.clone(), source));
     }
     Ok(ImageFs::new(tree, readers))
+}
+
+fn layer_source(
+    prepared: &Prepared,
+    cache: &Cache,
+    network: &Network,
+    index: &Index,
+    layer: &LayerDescriptor,
+) -> Result<Arc<dyn BlobSource>, MountError> {
+    let digest = layer.blob.digest;
+    let io_err = |what| {
+        move |source| MountError::Io {
+            digest,
+            what,
+            source,
+        }
+    };
+    Ok(match index.access {
+        Access::Spill => Arc::new(
+            SpillSource::open(
+                &cache.spill_path(&digest),
+                index.stream_size,
+                index.block_digests.clone(),
+            )
+            .map_err(io_err("opening the decompressed layer in the cache"))?,
+        ),
+        Access::Tar | Access::Gzip { .. } => {
+            let fetcher = RegistryFetcher {
+                client: network.client.clone(),
+                reference: prepared.image.reference.clone(),
+                layer: layer.clone(),
+                runtime: network.runtime.clone(),
+                timeout: network.read_timeout,
+                fetched: network.fetched.clone(),
+            };
+            Arc::new(
+                BlockSource::open(
+                    &cache.blob_path(&digest),
+                    index.blob_size,
+                    index.block_digests.clone(),
+                    Arc::new(fetcher),
+                )
+                .map_err(io_err("opening the block cache"))?
+                .with_fetch_locks(cache.fetch_lock_prefix(&digest)),
+            )
+        }
+    })
+}
+
+/// Bytes read at once when warming a layer: one maximal Range request.
+const WARM_CHUNK: u64 = 8 << 20;
+
+/// `imgfs pull`: makes every block of every layer present and verified in
+/// the cache, a bar per layer (bytes, rate, ETA). Zstd layers are complete
+/// once indexed (their stream is spilled). Call from outside the runtime.
+pub fn warm(
+    prepared: &Prepared,
+    cache: &Cache,
+    network: &Network,
+    progress: &MultiProgress,
+) -> Result<(), MountError> {
+    let layers: Vec<_> = prepared
+        .indexes
+        .iter()
+        .zip(&prepared.image.layers)
+        .collect();
+    for group in layers.chunks(PARALLEL_INDEXING) {
+        std::thread::scope(|scope| {
+            let jobs: Vec<_> = group
+                .iter()
+                .map(|(index, layer)| {
+                    let bar = progress.add(warm_bar(layer));
+                    scope.spawn(move || {
+                        let result = warm_layer(prepared, cache, network, index, layer, &bar);
+                        bar.finish();
+                        result
+                    })
+                })
+                .collect();
+            jobs.into_iter().try_for_each(|job| {
+                job.join()
+                    .map_err(|_| MountError::Internal("a warming thread panicked".into()))?
+            })
+        })?;
+    }
+    Ok(())
+}
+
+fn warm_layer(
+    prepared: &Prepared,
+    cache: &Cache,
+    network: &Network,
+    index: &Index,
+    layer: &LayerDescriptor,
+    bar: &ProgressBar,
+) -> Result<(), MountError> {
+    if matches!(index.access, Access::Spill) {
+        bar.set_position(bar.length().unwrap_or(0));
+        return Ok(());
+    }
+    let source = layer_source(prepared, cache, network, index, layer)?;
+    let mut offset = 0;
+    while offset < index.blob_size {
+        let len = WARM_CHUNK.min(index.blob_size - offset);
+        source.read_at(offset, len as usize)?;
+        offset += len;
+        bar.set_position(offset);
+    }
+    if bar.is_hidden() {
+        // No terminal: one plain line per layer instead of a bar.
+        eprintln!("fetched {} ({} bytes)", layer.blob.digest, index.blob_size);
+    }
+    Ok(())
+}
+
+fn warm_bar(layer: &LayerDescriptor) -> ProgressBar {
+    let bar = layer_bar(layer);
+    bar.set_prefix(format!("fetching {}", &layer.blob.digest.hex()[..12]));
+    bar
 }

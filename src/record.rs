@@ -2,9 +2,12 @@
 //! which image and which upper directory a mountpoint shows without asking
 //! the mount process. One small JSON file per mountpoint under the state
 //! directory, written when the mount is live and removed when it ends.
+//! [`MountRecord::live`] lists them, dropping the records of mounts that
+//! died without cleaning up (process gone or mountpoint not mounted).
 
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 const MOUNTS: &str = "mounts";
@@ -20,6 +23,13 @@ pub struct MountRecord {
     /// `None` for a read-only mount.
     pub upper: Option<PathBuf>,
     pub pid: u32,
+    /// Where the background mount process logs (absent in the foreground).
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// Bytes fetched from registries so far; the mount rewrites its record
+    /// every few seconds while this grows.
+    #[serde(default)]
+    pub fetched_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +77,11 @@ impl MountRecord {
         Ok(path)
     }
 
+    /// Removes the record (the mount ended).
+    pub fn remove(&self, state_dir: &Path) {
+        let _ = std::fs::remove_file(record_path(state_dir, &self.mountpoint));
+    }
+
     /// The record of the mount at `mountpoint`.
     pub fn load(state_dir: &Path, mountpoint: &Path) -> Result<MountRecord, RecordError> {
         let canonical = mountpoint
@@ -81,5 +96,120 @@ impl MountRecord {
             Err(source) => return Err(RecordError::Io { path, source }),
         };
         serde_json::from_slice(&bytes).map_err(|source| RecordError::Json { path, source })
+    }
+}
+
+impl MountRecord {
+    /// Every live mount recorded under `state_dir`, by mountpoint. Records
+    /// of dead mounts are removed (best effort: another user's may stay).
+    pub fn live(state_dir: &Path) -> Vec<MountRecord> {
+        let Ok(entries) = std::fs::read_dir(state_dir.join(MOUNTS)) else {
+            return Vec::new();
+        };
+        let mounted = mounted_paths();
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let record: Option<MountRecord> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match record {
+                Some(r) if r.is_alive(&mounted) => out.push(r),
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        out
+    }
+
+    fn is_alive(&self, mounted: &HashSet<PathBuf>) -> bool {
+        let pid = rustix::process::Pid::from_raw(self.pid as i32);
+        let running = pid.is_some_and(|pid| match rustix::process::test_kill_process(pid) {
+            Ok(()) => true,
+            // Alive, owned by someone else.
+            Err(e) => e == rustix::io::Errno::PERM,
+        });
+        running && mounted.contains(&self.mountpoint)
+    }
+}
+
+/// Mount points of this mount namespace, from /proc/self/mountinfo.
+fn mounted_paths() -> HashSet<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(MOUNTINFO_MOUNT_POINT))
+        .map(|field| PathBuf::from(unescape_octal(field)))
+        .collect()
+}
+
+/// Field of a mountinfo line that holds the mount point.
+const MOUNTINFO_MOUNT_POINT: usize = 4;
+
+/// Undoes the kernel's `\040`-style escaping of spaces, tabs, newlines and
+/// backslashes in mountinfo paths.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes
+            .get(i + 1..i + 4)
+            .filter(|_| bytes[i] == b'\\')
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_octal("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_octal("/plain"), "/plain");
+        assert_eq!(unescape_octal("/x\\"), "/x\\");
+    }
+
+    #[test]
+    fn records_of_dead_mounts_are_dropped() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let record = MountRecord {
+            mountpoint: PathBuf::from("/"),
+            reference: "r".into(),
+            manifest_digest: Digest::of(b"m"),
+            layers: vec![],
+            cache_dir: PathBuf::from("/c"),
+            upper: None,
+            // pid_max is at most 2^22: this pid cannot exist.
+            pid: u32::MAX >> 1,
+            log: None,
+            fetched_bytes: 0,
+        };
+        let path = record.save(state.path()).expect("save");
+        assert!(MountRecord::live(state.path()).is_empty());
+        assert!(!path.exists());
+        let alive = MountRecord {
+            pid: std::process::id(),
+            ..record
+        };
+        alive.save(state.path()).expect("save");
+        assert_eq!(MountRecord::live(state.path()).len(), 1);
     }
 }

@@ -7,6 +7,9 @@
 //! successful check in this process (a hole or a torn write fails the check
 //! and is simply fetched again). Concurrent readers of the same missing block
 //! wait for one fetch; neighbouring missing blocks go out as one Range request.
+//! Across processes sharing the cache, a fetch holds an flock on a lock file
+//! per stripe of [`MAX_RUN_BLOCKS`] blocks and looks at the cache file again
+//! once it has the lock, so two mounts of one cold layer fetch each block once.
 //!
 //! [`SpillSource`] does the same checks over a zstd layer's spilled stream.
 
@@ -14,13 +17,14 @@ use crate::layer::{BLOCK_SIZE, BlobSource, SourceError};
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Upper bound on one Range request, in blocks (8 MiB): big enough to fill a
-/// link, small enough that one reader cannot monopolize it.
+/// link, small enough that one reader cannot monopolize it. Runs never cross
+/// a multiple of it, so each run falls in one fetch-lock stripe.
 const MAX_RUN_BLOCKS: u64 = 64;
 /// How long a reader waits for a block another reader is fetching before it
 /// gives up with an error (the fetch itself has its own, shorter, timeout).
@@ -85,6 +89,8 @@ pub struct BlockSource {
     state: Mutex<State>,
     landed: Condvar,
     fetched: AtomicU64,
+    /// `PREFIX.<stripe>` lock files shared with other processes, if any.
+    fetch_locks: Option<PathBuf>,
 }
 
 impl BlockSource {
@@ -116,7 +122,15 @@ impl BlockSource {
             state: Mutex::new(state),
             landed: Condvar::new(),
             fetched: AtomicU64::new(0),
+            fetch_locks: None,
         })
+    }
+
+    /// Coordinates fetches with other processes through lock files named
+    /// `prefix.<stripe>` (created as needed).
+    pub fn with_fetch_locks(mut self, prefix: PathBuf) -> BlockSource {
+        self.fetch_locks = Some(prefix);
+        self
     }
 
     /// Bytes fetched from the network by this source so far.
@@ -201,9 +215,37 @@ impl BlockSource {
             .filter(|&block| !self.on_disk(block))
             .collect();
         for run in runs(&missing) {
-            self.fetch_run(run[0], run[run.len() - 1])?;
+            let stripe = self.lock_stripe(run[0]);
+            // Another process may have fetched these while we waited.
+            let still: Vec<u64> = match stripe {
+                Some(_) => run.iter().copied().filter(|&b| !self.on_disk(b)).collect(),
+                None => run.to_vec(),
+            };
+            for part in runs(&still) {
+                self.fetch_run(part[0], part[part.len() - 1])?;
+            }
         }
         Ok(())
+    }
+
+    /// Holds the cross-process lock of `block`'s stripe; `None` when
+    /// there are no lock files or the lock cannot be had (then fetching
+    /// twice is the only cost).
+    fn lock_stripe(&self, block: u64) -> Option<File> {
+        let prefix = self.fetch_locks.as_ref()?;
+        let mut name = prefix.as_os_str().to_owned();
+        name.push(format!(".{}", block / MAX_RUN_BLOCKS));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(PathBuf::from(name))
+            .map_err(|e| tracing::debug!(error = %e, "no fetch lock"))
+            .ok()?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| tracing::debug!(error = %e, "no fetch lock"))
+            .ok()?;
+        Some(file)
     }
 
     fn on_disk(&self, block: u64) -> bool {
@@ -263,9 +305,8 @@ fn runs(blocks: &[u64]) -> Vec<&[u64]> {
     let mut out = Vec::new();
     let mut start = 0;
     for i in 1..=blocks.len() {
-        let breaks = i == blocks.len()
-            || blocks[i] != blocks[i - 1] + 1
-            || (i - start) as u64 >= MAX_RUN_BLOCKS;
+        let breaks =
+            i == blocks.len() || blocks[i] != blocks[i - 1] + 1 || blocks[i] % MAX_RUN_BLOCKS == 0;
         if breaks {
             out.push(&blocks[start..i]);
             start = i;
@@ -340,6 +381,8 @@ mod tests {
     use super::*;
     use crate::digest::Digest;
 
+    const FAKE_LATENCY: Duration = Duration::from_millis(30);
+
     /// A blob held in memory that counts requests and can be told to fail,
     /// standing in for the network in these unit tests of the block logic.
     struct MemoryBlob {
@@ -351,6 +394,8 @@ mod tests {
     impl RangeFetcher for MemoryBlob {
         fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, SourceError> {
             self.requests.lock().expect("lock").push((start, end));
+            // Long enough for concurrent readers to overlap, as on a network.
+            std::thread::sleep(FAKE_LATENCY);
             let mut out = self.bytes[start as usize..end as usize].to_vec();
             if self.corrupt {
                 out[0] ^= 1;
@@ -458,9 +503,40 @@ mod tests {
     }
 
     #[test]
+    fn sources_sharing_a_cache_file_fetch_each_block_once() {
+        let (dir, blob, first) = setup(false);
+        let locks = dir.path().join("blob-fetch");
+        let first = Arc::new(first.with_fetch_locks(locks.clone()));
+        // A second "process": its own descriptor, its own in-flight set.
+        let second = Arc::new(
+            BlockSource::open(
+                &dir.path().join("blob"),
+                blob.bytes.len() as u64,
+                digests(&blob.bytes),
+                blob.clone(),
+            )
+            .expect("open")
+            .with_fetch_locks(locks),
+        );
+        let threads: Vec<_> = [first, second]
+            .into_iter()
+            .map(|source| std::thread::spawn(move || source.read_at(0, 3 * BLOCK_SIZE as usize)))
+            .collect();
+        for t in threads {
+            let got = t.join().expect("join").expect("read");
+            assert_eq!(got, blob.bytes[..3 * BLOCK_SIZE as usize]);
+        }
+        assert_eq!(blob.requests.lock().expect("lock").len(), 1);
+    }
+
+    #[test]
     fn runs_split_on_gaps_and_length() {
         let blocks: Vec<u64> = (0..70).chain([100, 101, 103]).collect();
         let lens: Vec<usize> = runs(&blocks).iter().map(|r| r.len()).collect();
         assert_eq!(lens, [64, 6, 2, 1]);
+        // Runs stop at stripe boundaries, wherever they start.
+        let blocks: Vec<u64> = (60..200).collect();
+        let lens: Vec<usize> = runs(&blocks).iter().map(|r| r.len()).collect();
+        assert_eq!(lens, [4, 64, 64, 8]);
     }
 }

@@ -1,0 +1,231 @@
+//! The cache as a system tool: shared layers fetched once, `imgfs ps`,
+//! `cache ls`, `cache rm` refused while mounted, `pull`, `prune` and
+//! refetching, a killed mount daemon, two processes on one cold layer.
+//! Real registry, real mounts (run as root through scripts/test).
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The busybox binary the `busybox` test image is built from.
+const HOST_BUSYBOX: &str = "/bin/busybox";
+
+fn imgfs(cache: &Path, args: &[&str]) -> Output {
+    run_ok(
+        Command::new(IMGFS).arg("--cache-dir").arg(cache).args(args),
+        MOUNT_TIMEOUT,
+    )
+}
+
+fn imgfs_fails(cache: &Path, args: &[&str]) -> Output {
+    let out = run(
+        Command::new(IMGFS).arg("--cache-dir").arg(cache).args(args),
+        MOUNT_TIMEOUT,
+    );
+    assert!(
+        !out.success(),
+        "imgfs {args:?} should fail:\n{}",
+        out.stdout
+    );
+    out
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
+}
+
+fn temp_cache() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("imgfs-cache-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+fn with_cache(cache: &Path) -> MountOptions {
+    MountOptions {
+        cache_dir: Some(cache.to_path_buf()),
+        extra_args: vec!["--read-only".into()],
+        ..Default::default()
+    }
+}
+
+/// Range bytes (206 answers) served per layer digest since `mark`.
+fn range_bytes(
+    reg: &Registry,
+    mark: usize,
+    layers: &[(String, String, u64)],
+) -> HashMap<String, u64> {
+    let gets = reg.blob_gets_since(mark);
+    layers
+        .iter()
+        .map(|(_, digest, _)| {
+            let hex = digest.trim_start_matches("sha256:");
+            let bytes = gets
+                .iter()
+                .filter(|r| r.uri.contains(hex))
+                .map(|r| r.written)
+                .sum();
+            (digest.clone(), bytes)
+        })
+        .collect()
+}
+
+/// Every regular file under `root`, read, by relative path.
+fn read_all(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read_dir").flatten() {
+            let ty = entry.file_type().expect("file type");
+            if ty.is_dir() {
+                stack.push(entry.path());
+            } else if ty.is_file() {
+                let bytes = fs::read(entry.path()).expect("read file");
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .expect("prefix")
+                    .to_path_buf();
+                out.push((rel, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The live mount at `mountpoint` as `imgfs ps --json` shows it.
+fn ps_entry(mountpoint: &Path) -> Option<serde_json::Value> {
+    let out = run_ok(Command::new(IMGFS).args(["ps", "--json"]), SHORT);
+    let canonical = mountpoint.canonicalize().ok()?;
+    json(&out)
+        .as_array()?
+        .iter()
+        .find(|m| m["mountpoint"].as_str() == canonical.to_str())
+        .cloned()
+}
+
+/// An image that shares its first layers with `union` (gzip) as pushed to
+/// `reg` as `a:latest`: the same blobs, fewer of them, as `b:latest`.
+fn push_sharing(reg: &Registry, dir: &Path) -> (String, String, Vec<(String, String, u64)>) {
+    let a = push(reg, "union", "a:latest", Compress::Gzip);
+    let layers = layers(reg, "a:latest");
+    let shared = &layers[..2];
+    let layout = dir.join("b-layout");
+    let mut build = Command::new(script("make-test-image"));
+    build.arg("from-layers").arg(&layout);
+    for (_, digest, _) in shared {
+        build.arg(reg.blob_path(digest));
+    }
+    run_ok(&mut build, MOUNT_TIMEOUT);
+    let b = reg.reference("b:latest");
+    run_ok(
+        Command::new(script("make-test-image"))
+            .arg("push")
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&b)
+            .args(["--compress", "keep"]),
+        MOUNT_TIMEOUT,
+    );
+    (a, b, layers)
+}
+
+#[test]
+fn shared_layers_are_fetched_once_and_mounted_images_cannot_be_removed() {
+    let reg = Registry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().expect("temp dir");
+    let (a, b, layers) = push_sharing(&reg, work.path());
+    let cache = temp_cache();
+    let ma = Mount::new(&a, with_cache(cache.path()));
+    let mb = Mount::new(&b, with_cache(cache.path()));
+    let mark = reg.requests().len();
+    let (pa, pb) = (ma.path().to_path_buf(), mb.path().to_path_buf());
+    let ta = std::thread::spawn(move || read_all(&pa));
+    let tb = std::thread::spawn(move || read_all(&pb));
+    let (files_a, files_b) = (ta.join().expect("reader a"), tb.join().expect("reader b"));
+    assert!(!files_a.is_empty() && !files_b.is_empty());
+    for (digest, bytes) in range_bytes(&reg, mark, &layers) {
+        let size = layers.iter().find(|l| l.1 == digest).map_or(0, |l| l.2);
+        assert!(
+            bytes <= size,
+            "layer {digest} ({size} bytes) moved {bytes} bytes for two mounts: shared blocks fetched twice"
+        );
+    }
+
+    // Both mounts are listed; the images are in the cache and marked mounted.
+    for m in [&ma, &mb] {
+        let entry = ps_entry(m.path()).expect("imgfs ps lists the mount");
+        assert!(entry["pid"].as_u64().is_some_and(|p| p > 0), "{entry}");
+        assert!(entry["log"].as_str().is_some(), "{entry}");
+    }
+    let ls = json(&imgfs(cache.path(), &["cache", "ls", "--json"]));
+    let images = ls.as_array().expect("array");
+    assert_eq!(images.len(), 2, "{ls}");
+    assert!(
+        images
+            .iter()
+            .all(|i| i["mounted_on"].as_array().is_some_and(|m| m.len() == 1))
+    );
+
+    // rm is refused while mounted, works after unmount, and keeps the shared layers.
+    let refused = imgfs_fails(cache.path(), &["cache", "rm", &a]);
+    assert_one_line_error(&refused.stderr, &["mounted", "unmount"]);
+    ma.unmount();
+    imgfs(cache.path(), &["cache", "rm", &a]);
+    let blobs = cache.path().join("blobs");
+    for (i, (_, digest, _)) in layers.iter().enumerate() {
+        let hex = digest.trim_start_matches("sha256:");
+        assert_eq!(
+            blobs.join(hex).exists(),
+            i < 2,
+            "layer {i} {digest} after rm"
+        );
+    }
+    let remaining = read_all(mb.path());
+    assert_eq!(
+        remaining, files_b,
+        "the mount of b still reads the same bytes"
+    );
+    mb.unmount();
+}
+
+#[test]
+fn pull_warms_the_cache_and_prune_makes_reads_refetch() {
+    let reg = Registry::start(RegistryOptions::default());
+    let reference = push(&reg, "busybox", "bb:latest", Compress::Gzip);
+    let layers = layers(&reg, "bb:latest");
+    let cache = temp_cache();
+    let pulled = imgfs(cache.path(), &["pull", &reference]);
+    assert!(pulled.stdout.contains("fetched"), "{}", pulled.stdout);
+    assert!(
+        pulled.stderr.contains("fetched sha256:"),
+        "plain lines without a terminal: {}",
+        pulled.stderr
+    );
+
+    let want = fs::read(HOST_BUSYBOX).expect("host busybox");
+    let mark = reg.requests().len();
+    let m = Mount::new(&reference, with_cache(cache.path()));
+    assert_eq!(fs::read(m.path().join("bin/busybox")).expect("read"), want);
+    let moved: u64 = range_bytes(&reg, mark, &layers).values().sum();
+    assert_eq!(moved, 0, "a mount after pull fetched {moved} bytes");
+
+    // Pinned while mounted: even --all keeps it.
+    imgfs(cache.path(), &["cache", "prune", "--all"]);
+    assert_eq!(fs::read(m.path().join("bin/busybox")).expect("read"), want);
+    m.unmount();
+    let out = imgfs(cache.path(), &["cache", "prune", "--max", "0"]);
+    assert!(out.stdout.contains("evicted 1 layers"), "{}", out.stdout);
+    let mark = reg.requests().len();
+    let m = Mount::new(&reference, with_cache(cache.path()));
+    assert_eq!(fs::read(m.path().join("bin/busybox")).expect("read"), want);
+    let moved: u64 = range_bytes(&reg, mark, &layers).values().sum();
+    assert!(moved > 0, "an evicted layer must be fetched again");
+    let entry = ps_entry(m.path()).expect("listed");
+    m.unmount();
+    assert!(entry["fetched_bytes"].as_u64().is_some(), "{entry}");
+}
