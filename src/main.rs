@@ -150,7 +150,7 @@ enum CacheCommand {
         #[arg(long, value_name = "DURATION", value_parser = store::parse_duration)]
         older_than: Option<Duration>,
         /// Evict until the cache is at most this big (512M, 10G)
-        #[arg(long, value_name = "SIZE", value_parser = store::parse_size)]
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max: Option<u64>,
     },
 }
@@ -183,8 +183,8 @@ struct MountArgs {
     /// Seconds a read may wait for the registry before failing with EIO
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     read_timeout: u64,
-    /// Keep the cache under SIZE (512M, 10G) by evicting data of unmounted images, checked every 30 s
-    #[arg(long, value_name = "SIZE", value_parser = store::parse_size)]
+    /// Keep the cache under SIZE (512M, 10G) by evicting data of unmounted images, checked every 30 s [default: cache_max of the config file]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     cache_max: Option<u64>,
     #[arg(long = "daemon-child", hide = true)]
     daemon_child: bool,
@@ -245,7 +245,8 @@ fn run(cli: Cli) -> Result<()> {
         ..ClientOptions::default()
     };
     match cli.command {
-        Command::Mount(args) if args.foreground || args.daemon_child => {
+        Command::Mount(mut args) if args.foreground || args.daemon_child => {
+            args.cache_max = args.cache_max.or(config.cache_max.map(|b| b.0));
             mount_here(&args, &cache_dir, client_options)
         }
         Command::Mount(args) => spawn_daemon(&args),
@@ -290,6 +291,11 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => inspect(&reference, platform.as_deref(), json, client_options),
     }
+}
+
+/// `--cache-max` and `--max`: sizes as the config file writes them.
+fn parse_size(text: &str) -> Result<u64, String> {
+    imgfs::config::ByteSize::parse(text).map(|b| b.0)
 }
 
 fn parse_platform(platform: Option<&str>) -> Result<Option<Platform>> {

@@ -450,35 +450,6 @@ fn forget_unmounted(cache: &Cache, mounts: &[MountRecord]) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Parses `10G`, `512M`, `1.5GiB`, `100000` (bytes; K/M/G/T are powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("size {text:?}: expected a number with K, M, G or T, e.g. 10G"))?;
-    let shift = match unit
-        .trim()
-        .trim_end_matches(['B', 'b'])
-        .trim_end_matches('i')
-    {
-        "" => 0,
-        "K" | "k" => 10,
-        "M" | "m" => 20,
-        "G" | "g" => 30,
-        "T" | "t" => 40,
-        _ => {
-            return Err(format!(
-                "size {text:?}: unknown unit {unit:?}, use K, M, G or T"
-            ));
-        }
-    };
-    Ok((number * (1u64 << shift) as f64) as u64)
-}
-
 /// Parses `30s`, `10m`, `12h`, `7d`, `2w`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -593,12 +564,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_durations_parse() {
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("1.5K"), Ok(1536));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert!(parse_size("ten").is_err());
+    fn durations_parse() {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert!(parse_duration("7y").is_err());
     }

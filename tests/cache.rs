@@ -229,3 +229,141 @@ fn pull_warms_the_cache_and_prune_makes_reads_refetch() {
     m.unmount();
     assert!(entry["fetched_bytes"].as_u64().is_some(), "{entry}");
 }
+
+/// Size of the random file of [`push_one_big_file`]: big enough that a cold
+/// read takes a while even from a loopback registry.
+const BIG_FILE: usize = 64 << 20;
+
+/// An image of one gzip layer holding `big.bin` (random); returns the
+/// reference, its layers and the file's bytes.
+fn push_one_big_file(reg: &Registry, dir: &Path) -> (String, Vec<(String, String, u64)>, Vec<u8>) {
+    let root = dir.join("root");
+    fs::create_dir_all(&root).expect("mkdir");
+    let mut bytes = vec![0u8; BIG_FILE];
+    let mut urandom = fs::File::open("/dev/urandom").expect("urandom");
+    std::io::Read::read_exact(&mut urandom, &mut bytes).expect("random bytes");
+    fs::write(root.join("big.bin"), &bytes).expect("write big.bin");
+    let tar = dir.join("layer.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("big.bin"),
+        MOUNT_TIMEOUT,
+    );
+    run_ok(Command::new("gzip").arg("-1").arg(&tar), MOUNT_TIMEOUT);
+    let layout = dir.join("layout");
+    run_ok(
+        Command::new(script("make-test-image"))
+            .arg("from-layers")
+            .arg(&layout)
+            .arg(dir.join("layer.tar.gz")),
+        MOUNT_TIMEOUT,
+    );
+    let reference = reg.reference("bigfile:latest");
+    run_ok(
+        Command::new(script("make-test-image"))
+            .arg("push")
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&reference)
+            .args(["--compress", "keep"]),
+        MOUNT_TIMEOUT,
+    );
+    (reference, layers(reg, "bigfile:latest"), bytes)
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+#[test]
+fn a_mount_killed_during_a_cold_read_leaves_a_cache_the_next_mount_reads_right() {
+    let reg = Registry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().expect("temp dir");
+    let (reference, layers, want) = push_one_big_file(&reg, work.path());
+    let cache = temp_cache();
+    let blob = cache
+        .path()
+        .join("blobs")
+        .join(layers[0].1.trim_start_matches("sha256:"));
+    let m = Mount::new(&reference, with_cache(cache.path()));
+    let pid = ps_entry(m.path()).expect("listed")["pid"]
+        .as_u64()
+        .expect("pid");
+    let file = m.path().join("big.bin");
+    let reader = std::thread::spawn(move || fs::read(file).map(|b| b.len()));
+    let started = std::time::Instant::now();
+    while allocated(&blob) == 0 && started.elapsed() < SHORT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill -9");
+    let partial = allocated(&blob);
+    let _ = reader.join();
+    eprintln!(
+        "killed the mount with {partial} of {} bytes cached",
+        layers[0].2
+    );
+    m.abort();
+    drop(m);
+
+    let m = Mount::new(&reference, with_cache(cache.path()));
+    let got = fs::read(m.path().join("big.bin")).expect("read after remount");
+    assert!(got == want, "big.bin differs after a kill -9 and a remount");
+    m.unmount();
+}
+
+#[test]
+fn two_processes_on_one_cold_layer_read_right_and_fetch_each_block_at_most_twice() {
+    let reg = Registry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().expect("temp dir");
+    let (reference, layers, want) = push_one_big_file(&reg, work.path());
+    let cache = temp_cache();
+    let (m1, m2) = (
+        Mount::new(&reference, with_cache(cache.path())),
+        Mount::new(&reference, with_cache(cache.path())),
+    );
+    let mark = reg.requests().len();
+    let want = std::sync::Arc::new(want);
+    let chunk = BIG_FILE / 8;
+    let readers: Vec<_> = [m1.path(), m2.path()]
+        .iter()
+        .flat_map(|root| (0..8).map(move |i| (root.join("big.bin"), i)))
+        .map(|(path, i)| {
+            let want = want.clone();
+            std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                let file = fs::File::open(&path).expect("open");
+                // Each thread starts at its own chunk and wraps around.
+                for k in 0..8 {
+                    let at = ((i + k) % 8) * chunk;
+                    let mut buf = vec![0u8; chunk];
+                    file.read_exact_at(&mut buf, at as u64).expect("read");
+                    assert!(
+                        buf == want[at..at + chunk],
+                        "bytes at {at} of {}",
+                        path.display()
+                    );
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().expect("a reader failed");
+    }
+    let moved = range_bytes(&reg, mark, &layers)[&layers[0].1];
+    eprintln!(
+        "two processes moved {moved} bytes of a {} byte layer",
+        layers[0].2
+    );
+    assert!(
+        moved <= 2 * layers[0].2,
+        "two processes moved {moved} bytes of a {} byte layer",
+        layers[0].2
+    );
+    m1.unmount();
+    m2.unmount();
+}
