@@ -662,75 +662,36 @@ fn short(digest: &imgfs::digest::Digest) -> String {
 fn cache_ls(cache_dir: &Path, json: bool) -> Result<()> {
     let cache = Cache::open(cache_dir)?;
     let mounts = store::mounts_of(&cache, &MountRecord::live(&state_dir()));
-    let rows: Vec<serde_json::Value> = store::images(&cache)
-        .iter()
-        .map(|image| image_json(&cache, image, &mounts))
-        .collect();
+    let images = store::summaries(&cache, &mounts);
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&images)?);
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<48} {:<19} {:>6} {:>10} {:>10} {:>20}  MOUNTED ON",
+        "{:<48} {:<19} {:>6} {:>10} {:>10} {:>10}  MOUNTED ON",
         "REFERENCE", "DIGEST", "LAYERS", "CACHED", "SIZE", "LAST USED"
     )?;
-    for (image, row) in store::images(&cache).iter().zip(&rows) {
-        let n = |k: &str| row[k].as_u64().unwrap_or(0);
+    for image in &images {
+        let mounted: Vec<String> = image
+            .mounted_on
+            .iter()
+            .map(|m| m.display().to_string())
+            .collect();
         writeln!(
             out,
-            "{:<48} {:<19} {:>6} {:>10} {:>10} {:>20}  {}",
+            "{:<48} {:<19} {:>6} {:>10} {:>10} {:>10}  {}",
             image.references.join(","),
             short(&image.manifest_digest),
             image.layers.len(),
-            human_bytes(n("cached_bytes")),
-            human_bytes(n("size")),
+            human_bytes(image.cached_bytes),
+            human_bytes(image.size),
             ago(image.last_used),
-            row["mounted_on"]
-                .as_array()
-                .map(|a| a
-                    .iter()
-                    .filter_map(|v| v.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","))
-                .unwrap_or_default(),
+            mounted.join(","),
         )?;
     }
     Ok(())
-}
-
-fn image_json(
-    cache: &Cache,
-    image: &store::ImageRecord,
-    mounts: &[MountRecord],
-) -> serde_json::Value {
-    let layers: Vec<serde_json::Value> = image
-        .layers
-        .iter()
-        .map(|l| {
-            let usage = store::layer_usage(cache, &l.digest);
-            serde_json::json!({
-                "digest": l.digest.to_string(), "size": l.size, "cached_data": usage.data,
-                "spill": usage.spill, "index": usage.index,
-            })
-        })
-        .collect();
-    let cached: u64 = image
-        .layers
-        .iter()
-        .map(|l| store::layer_usage(cache, &l.digest).total())
-        .sum();
-    serde_json::json!({
-        "references": image.references,
-        "manifest_digest": image.manifest_digest.to_string(),
-        "size": image.layers.iter().map(|l| l.size).sum::<u64>(),
-        "cached_bytes": cached,
-        "last_used": image.last_used,
-        "layers": layers,
-        "mounted_on": mounts.iter().filter(|m| m.manifest_digest == image.manifest_digest)
-            .map(|m| m.mountpoint.display().to_string()).collect::<Vec<_>>(),
-    })
 }
 
 /// `3m ago`, `2h ago`, `5d ago`.

@@ -26,6 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const IMAGES: &str = "images";
 /// Seconds within which a use is not recorded again.
 const LAST_USE_RESOLUTION: u64 = 60;
+/// Seconds a layer no image names is left alone by a plain prune: a mount
+/// may be indexing it and not have written its image record yet.
+const ORPHAN_GRACE: u64 = 600;
 /// `st_blocks` counts 512-byte units whatever the filesystem's block size.
 const STAT_BLOCK: u64 = 512;
 
@@ -60,6 +63,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LayerRecord {
+    #[serde(with = "digest_text")]
     pub digest: Digest,
     pub size: u64,
 }
@@ -69,6 +73,7 @@ pub struct LayerRecord {
 pub struct ImageRecord {
     /// Every reference this manifest was reached by.
     pub references: Vec<String>,
+    #[serde(with = "digest_text")]
     pub manifest_digest: Digest,
     /// Bottom layer first.
     pub layers: Vec<LayerRecord>,
@@ -76,10 +81,26 @@ pub struct ImageRecord {
     pub last_used: u64,
 }
 
+/// Digests as `sha256:<hex>` in the records, so they read like everywhere else.
+mod digest_text {
+    use crate::digest::Digest;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(digest: &Digest, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(digest)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Disk space one layer takes in the cache.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LayerUsage {
     /// Allocated bytes of the sparse blob file.
+    #[serde(rename = "cached_data")]
     pub data: u64,
     pub spill: u64,
     pub index: u64,
@@ -215,6 +236,62 @@ pub fn images(cache: &Cache) -> Vec<ImageRecord> {
     out
 }
 
+/// An image as `imgfs cache ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    pub references: Vec<String>,
+    #[serde(with = "digest_text")]
+    pub manifest_digest: Digest,
+    /// Sum of the layer blob sizes.
+    pub size: u64,
+    /// Disk space of its layers (blob blocks, spills, indexes).
+    pub cached_bytes: u64,
+    pub last_used: u64,
+    pub layers: Vec<LayerSummary>,
+    pub mounted_on: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    #[serde(with = "digest_text")]
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(flatten)]
+    pub usage: LayerUsage,
+}
+
+/// Every image of the cache with its disk use and live mounts, most
+/// recently used first.
+pub fn summaries(cache: &Cache, mounts: &[MountRecord]) -> Vec<ImageSummary> {
+    images(cache)
+        .into_iter()
+        .map(|image| {
+            let layers: Vec<LayerSummary> = image
+                .layers
+                .iter()
+                .map(|l| LayerSummary {
+                    digest: l.digest,
+                    size: l.size,
+                    usage: layer_usage(cache, &l.digest),
+                })
+                .collect();
+            ImageSummary {
+                size: layers.iter().map(|l| l.size).sum(),
+                cached_bytes: layers.iter().map(|l| l.usage.total()).sum(),
+                mounted_on: mounts
+                    .iter()
+                    .filter(|m| m.manifest_digest == image.manifest_digest)
+                    .map(|m| m.mountpoint.clone())
+                    .collect(),
+                references: image.references,
+                manifest_digest: image.manifest_digest,
+                last_used: image.last_used,
+                layers,
+            }
+        })
+        .collect()
+}
+
 fn allocated(path: &Path) -> u64 {
     fs::metadata(path)
         .map(|m| m.blocks() * STAT_BLOCK)
@@ -280,7 +357,32 @@ fn evict(cache: &Cache, layer: &Digest, with_index: bool) -> u64 {
         let _ = fs::remove_file(cache.spill_path(layer)).map(|()| freed += usage.spill);
         let _ = fs::remove_file(cache.index_path(layer)).map(|()| freed += usage.index);
     }
+    remove_fetch_locks(cache, layer);
     freed
+}
+
+/// The stripe lock files of an evicted layer. A process still fetching
+/// holds its lock on the unlinked file; one that comes after it makes a new
+/// file, so at worst a stripe is fetched twice.
+fn remove_fetch_locks(cache: &Cache, layer: &Digest) {
+    let prefix = cache.fetch_lock_prefix(layer);
+    let (Some(dir), Some(name)) = (prefix.parent(), prefix.file_name()) else {
+        return;
+    };
+    let mut name = name.to_os_string();
+    name.push(".");
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(name.as_encoded_bytes())
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The images `target` names: a reference (as given or normalized), a
@@ -383,21 +485,60 @@ pub fn total_usage(cache: &Cache) -> u64 {
         .sum()
 }
 
-/// Last use of every layer: the latest of its images (0 for a layer no
-/// image record names, so orphans go first).
-fn layer_last_use(cache: &Cache) -> HashMap<Digest, u64> {
-    let mut out: HashMap<Digest, u64> = layers_on_disk(cache).into_iter().map(|l| (l, 0)).collect();
+/// When a layer was last used, as far as the cache can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct LastUse {
+    secs: u64,
+    /// No image record names it: the time is its index's modification.
+    orphan: bool,
+}
+
+/// Last use of every layer: the latest of its images, or for a layer no
+/// image record names (an interrupted mount, a removed record) the time its
+/// index was written, so a mount still preparing does not lose it.
+fn layer_last_use(cache: &Cache) -> HashMap<Digest, LastUse> {
+    let mut out: HashMap<Digest, LastUse> = layers_on_disk(cache)
+        .into_iter()
+        .map(|l| {
+            (
+                l,
+                LastUse {
+                    secs: written_at(cache, &l),
+                    orphan: true,
+                },
+            )
+        })
+        .collect();
     for image in images(cache) {
         for layer in &image.layers {
-            let t = out.entry(layer.digest).or_insert(0);
-            *t = (*t).max(image.last_used);
+            let use_ = out.entry(layer.digest).or_insert(LastUse {
+                secs: 0,
+                orphan: false,
+            });
+            if use_.orphan {
+                *use_ = LastUse {
+                    secs: 0,
+                    orphan: false,
+                };
+            }
+            use_.secs = use_.secs.max(image.last_used);
         }
     }
     out
 }
 
-/// `imgfs cache prune`. Without options, removes the data of layers no
-/// image record names. Data of unpinned layers goes first in least recently
+fn written_at(cache: &Cache, layer: &Digest) -> u64 {
+    [cache.index_path(layer), cache.blob_path(layer)]
+        .iter()
+        .filter_map(|p| fs::metadata(p).ok()?.modified().ok())
+        .filter_map(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `imgfs cache prune`. Without options, removes the files of layers no
+/// image record names (after a grace period). Data of unpinned layers goes first in least recently
 /// used order; indexes stay (they are small and make the next mount fast)
 /// except with `all`, or for zstd layers whose index needs the spill.
 pub fn prune(
@@ -406,21 +547,20 @@ pub fn prune(
     mounts: &[MountRecord],
 ) -> Result<Freed, StoreError> {
     let pins = pinned(mounts);
-    let mut candidates: Vec<(u64, Digest)> = layer_last_use(cache)
+    let mut candidates: Vec<(LastUse, Digest)> = layer_last_use(cache)
         .into_iter()
         .filter(|(l, _)| !pins.contains(l))
         .map(|(l, t)| (t, l))
         .collect();
-    candidates.sort();
-    let cutoff = options
-        .older_than
-        .map(|d| now_secs().saturating_sub(d.as_secs()));
+    candidates.sort_by_key(|(t, _)| t.secs);
+    let now = now_secs();
+    let cutoff = options.older_than.map(|d| now.saturating_sub(d.as_secs()));
     let mut total = options.max_bytes.map(|_| total_usage(cache));
     let mut freed = Freed::default();
     for (last_use, layer) in candidates {
         let over = matches!((total, options.max_bytes), (Some(t), Some(max)) if t > max);
-        let old = cutoff.is_some_and(|c| last_use < c);
-        let orphan = last_use == 0;
+        let old = cutoff.is_some_and(|c| last_use.secs < c);
+        let orphan = last_use.orphan && now.saturating_sub(last_use.secs) > ORPHAN_GRACE;
         if !(options.all || over || old || orphan) {
             continue;
         }
@@ -531,6 +671,8 @@ mod tests {
         assert!(cache.blob_path(&shared).exists());
         assert!(!cache.blob_path(&own).exists());
         assert_eq!(images(&cache).len(), 1);
+        let text = fs::read_to_string(record_path(&cache, &Digest::of(b"b"))).expect("record");
+        assert!(text.contains(&shared.to_string()), "{text}");
     }
 
     #[test]

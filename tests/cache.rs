@@ -184,6 +184,11 @@ fn shared_layers_are_fetched_once_and_mounted_images_cannot_be_removed() {
             i < 2,
             "layer {i} {digest} after rm"
         );
+        let stripe_lock = cache.path().join("locks").join(format!("{hex}-fetch.0"));
+        assert!(
+            i < 2 || !stripe_lock.exists(),
+            "fetch lock of removed layer {i} left behind"
+        );
     }
     let remaining = read_all(mb.path());
     assert_eq!(
@@ -366,4 +371,50 @@ fn two_processes_on_one_cold_layer_read_right_and_fetch_each_block_at_most_twice
     );
     m1.unmount();
     m2.unmount();
+}
+
+#[test]
+fn a_mount_with_cache_max_evicts_unmounted_images_and_keeps_its_own() {
+    let reg = Registry::start(RegistryOptions::default());
+    let bb = push(&reg, "busybox", "bb:latest", Compress::Gzip);
+    let union = push(&reg, "union", "u:latest", Compress::Gzip);
+    let cache = temp_cache();
+    let bb_blob = cache
+        .path()
+        .join("blobs")
+        .join(layers(&reg, "bb:latest")[0].1.trim_start_matches("sha256:"));
+    let m = Mount::new(&bb, with_cache(cache.path()));
+    fs::read(m.path().join("bin/busybox")).expect("read");
+    m.unmount();
+    assert!(bb_blob.exists());
+
+    let mut opts = with_cache(cache.path());
+    opts.extra_args
+        .extend(["--cache-max".to_string(), "1".to_string()]);
+    let m = Mount::new(&union, opts);
+    let before = read_all(m.path());
+    let started = std::time::Instant::now();
+    while bb_blob.exists() && started.elapsed() < SHORT {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !bb_blob.exists(),
+        "--cache-max 1 left the unmounted image's data"
+    );
+    assert_eq!(
+        read_all(m.path()),
+        before,
+        "the mount's own layers were touched"
+    );
+    for (_, digest, _) in layers(&reg, "u:latest") {
+        let index = cache
+            .path()
+            .join("indexes")
+            .join(digest.trim_start_matches("sha256:"));
+        assert!(
+            index.exists(),
+            "index of the mounted layer {digest} was evicted"
+        );
+    }
+    m.unmount();
 }
