@@ -743,7 +743,15 @@ fn pull(
     let runtime = runtime()?;
     let client = Client::new(client_options)?;
     let started = Instant::now();
-    let prepared = prepare(&runtime, &client, &cache, &reference, platform.as_ref())?;
+    let progress = progress_target();
+    let prepared = runtime.block_on(mount::prepare_with(
+        &client,
+        &cache,
+        &reference,
+        platform.as_ref(),
+        &progress,
+        mount::Blobs::Keep,
+    ))?;
     note_use(&cache, &prepared);
     let network = mount::Network {
         client,
@@ -751,10 +759,9 @@ fn pull(
         read_timeout: Duration::from_secs(PULL_READ_TIMEOUT),
         fetched: Arc::new(AtomicU64::new(0)),
     };
-    let progress = progress_target();
     mount::warm(&prepared, &cache, &network, &progress)?;
     println!(
-        "{}: {} layers, {} fetched in {:.1}s; digest {}",
+        "{}: {} layers, {} fetched after indexing, in {:.1}s; digest {}",
         prepared.image.reference,
         prepared.image.layers.len(),
         human_bytes(network.fetched.load(Ordering::Relaxed)),

@@ -6,7 +6,7 @@
 //! This is the only module that knows every other one; each step is a
 //! function a test can call on its own.
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::{Cache, CacheError, Staged};
 use crate::digest::Digest;
 use crate::fs::ImageFs;
 use crate::image::{self, ImageError, LayerDescriptor, Platform, ResolvedImage};
@@ -20,7 +20,7 @@ use crate::union::Tree;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -71,6 +71,28 @@ pub async fn prepare(
     platform: Option<&Platform>,
     progress: &MultiProgress,
 ) -> Result<Prepared, MountError> {
+    prepare_with(client, cache, reference, platform, progress, Blobs::Drop).await
+}
+
+/// What indexing does with the blob bytes it streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blobs {
+    /// Keep only the index: disk use follows what is read (mounts).
+    Drop,
+    /// Also keep the whole blob in the block cache once its digest checked
+    /// out, so warming it afterwards fetches nothing (`imgfs pull`).
+    Keep,
+}
+
+/// [`prepare`], choosing what happens to the streamed blobs.
+pub async fn prepare_with(
+    client: &Client,
+    cache: &Cache,
+    reference: &Reference,
+    platform: Option<&Platform>,
+    progress: &MultiProgress,
+    blobs: Blobs,
+) -> Result<Prepared, MountError> {
     let image = image::resolve(client, reference, platform).await?;
     let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_INDEXING));
     let tasks = image.layers.iter().map(|layer| {
@@ -80,7 +102,7 @@ pub async fn prepare(
                 .acquire()
                 .await
                 .map_err(|e| MountError::Internal(e.to_string()))?;
-            layer_index(client, cache, reference, layer, progress).await
+            layer_index(client, cache, reference, layer, progress, blobs).await
         }
     });
     let indexes = futures_util::future::try_join_all(tasks).await?;
@@ -95,6 +117,7 @@ async fn layer_index(
     reference: &Reference,
     layer: &LayerDescriptor,
     progress: &MultiProgress,
+    blobs: Blobs,
 ) -> Result<Arc<Index>, MountError> {
     let digest = layer.blob.digest;
     if let Some(index) = cache.load_index(&digest)? {
@@ -126,7 +149,12 @@ async fn layer_index(
         let cache = cache.clone();
         let layer = layer.clone();
         let bar = bar.clone();
-        tokio::task::spawn_blocking(move || scan(&cache, &layer, ChannelReader::new(rx, bar)))
+        tokio::task::spawn_blocking(move || {
+            // A zstd layer's bytes live on in its spill already.
+            let keep = blobs == Blobs::Keep && layer.compression != Compression::Zstd;
+            let copy = keep.then(|| cache.staging()).transpose()?;
+            scan(&cache, &layer, ChannelReader::new(rx, bar, copy))
+        })
     };
     let result = build
         .await
@@ -138,13 +166,17 @@ async fn layer_index(
 }
 
 /// The blocking half of indexing: build, keep the spill for zstd, persist.
-fn scan(cache: &Cache, layer: &LayerDescriptor, input: ChannelReader) -> Result<Index, MountError> {
+fn scan(
+    cache: &Cache,
+    layer: &LayerDescriptor,
+    mut input: ChannelReader,
+) -> Result<Index, MountError> {
     let digest = layer.blob.digest;
     let opts = IndexOptions::default();
     let index = if layer.compression == Compression::Zstd {
         let mut spill = cache.staging()?;
         let index = layer::build_index(
-            input,
+            &mut input,
             layer.compression,
             digest,
             layer.blob.size,
@@ -155,7 +187,7 @@ fn scan(cache: &Cache, layer: &LayerDescriptor, input: ChannelReader) -> Result<
         index
     } else {
         layer::build_index(
-            input,
+            &mut input,
             layer.compression,
             digest,
             layer.blob.size,
@@ -164,6 +196,7 @@ fn scan(cache: &Cache, layer: &LayerDescriptor, input: ChannelReader) -> Result<
         )?
     };
     cache.store_index(&index)?;
+    input.keep_copy(cache, layer);
     Ok(index)
 }
 
@@ -180,19 +213,52 @@ fn layer_bar(layer: &LayerDescriptor) -> ProgressBar {
     bar
 }
 
-/// Turns the network task's chunks into a blocking `Read` for the indexer.
+/// Turns the network task's chunks into a blocking `Read` for the indexer,
+/// optionally copying them to a staged cache file.
 struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
     bar: ProgressBar,
+    copy: Option<Staged>,
+    copied: u64,
 }
 
 impl ChannelReader {
-    fn new(rx: mpsc::Receiver<io::Result<Bytes>>, bar: ProgressBar) -> Self {
+    fn new(rx: mpsc::Receiver<io::Result<Bytes>>, bar: ProgressBar, copy: Option<Staged>) -> Self {
         ChannelReader {
             rx,
             current: Bytes::new(),
             bar,
+            copy,
+            copied: 0,
+        }
+    }
+
+    fn copy_out(&mut self, bytes: &[u8]) {
+        let Some(copy) = self.copy.as_mut() else {
+            return;
+        };
+        match copy.write_all(bytes) {
+            Ok(()) => self.copied += bytes.len() as u64,
+            Err(e) => {
+                tracing::warn!(error = %e, "not keeping the blob in the cache");
+                self.copy = None;
+            }
+        }
+    }
+
+    /// Called once the index is built, so the blob's digest checked out:
+    /// the copy replaces the cache file by a rename (a process that has the
+    /// old one open keeps reading what it verified there).
+    fn keep_copy(self, cache: &Cache, layer: &LayerDescriptor) {
+        let Some(copy) = self.copy else {
+            return;
+        };
+        if self.copied != layer.blob.size {
+            return;
+        }
+        if let Err(e) = copy.commit(&cache.blob_path(&layer.blob.digest)) {
+            tracing::warn!(error = %e, "not keeping the blob in the cache");
         }
     }
 }
@@ -206,7 +272,9 @@ impl Read for ChannelReader {
             }
         }
         let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
+        let chunk = self.current.split_to(n);
+        buf[..n].copy_from_slice(&chunk);
+        self.copy_out(&chunk);
         self.bar.inc(n as u64);
         Ok(n)
     }

@@ -53,7 +53,7 @@ fn with_cache(cache: &Path) -> MountOptions {
     }
 }
 
-/// Range bytes (206 answers) served per layer digest since `mark`.
+/// Blob bytes (whole and Range GETs) served per layer digest since `mark`.
 fn range_bytes(
     reg: &Registry,
     mark: usize,
@@ -204,7 +204,14 @@ fn pull_warms_the_cache_and_prune_makes_reads_refetch() {
     let reference = push(&reg, "busybox", "bb:latest", Compress::Gzip);
     let layers = layers(&reg, "bb:latest");
     let cache = temp_cache();
+    let mark = reg.requests().len();
     let pulled = imgfs(cache.path(), &["pull", &reference]);
+    let streamed: u64 = range_bytes(&reg, mark, &layers).values().sum();
+    let size: u64 = layers.iter().map(|l| l.2).sum();
+    assert_eq!(
+        streamed, size,
+        "pull moved {streamed} bytes of a {size} byte image"
+    );
     assert!(pulled.stdout.contains("fetched"), "{}", pulled.stdout);
     assert!(
         pulled.stderr.contains("fetched sha256:"),
