@@ -161,6 +161,10 @@ async fn layer_index(
         .map_err(|e| MountError::Internal(e.to_string()))?;
     pump.abort();
     bar.finish_and_clear();
+    if bar.is_hidden() && blobs == Blobs::Keep && result.is_ok() {
+        // `imgfs pull` without a terminal: one plain line per layer.
+        eprintln!("indexed {digest} ({} bytes)", layer.blob.size);
+    }
     drop(lock);
     Ok(Arc::new(result?))
 }

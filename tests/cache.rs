@@ -214,7 +214,7 @@ fn pull_warms_the_cache_and_prune_makes_reads_refetch() {
     );
     assert!(pulled.stdout.contains("fetched"), "{}", pulled.stdout);
     assert!(
-        pulled.stderr.contains("fetched sha256:"),
+        pulled.stderr.contains("fetched sha256:") && pulled.stderr.contains("indexed sha256:"),
         "plain lines without a terminal: {}",
         pulled.stderr
     );
