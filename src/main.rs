@@ -186,6 +186,14 @@ struct MountArgs {
     /// Keep the cache under SIZE (512M, 10G) by evicting data of unmounted images, checked every 30 s [default: cache_max of the config file]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     cache_max: Option<u64>,
+    /// What to fetch in the background once mounted: none, landmark (the
+    /// files eStargz layers mark as needed at start; nothing until eStargz
+    /// is supported) or all (every layer, whole)
+    #[arg(long, value_enum, default_value_t = mount::Prefetch::Landmark)]
+    prefetch: mount::Prefetch,
+    /// Bandwidth cap of background prefetching (10M, 50MiB/s; 0: no cap)
+    #[arg(long, value_name = "BYTES/s", default_value = "50MiB/s", value_parser = parse_rate)]
+    prefetch_rate: u64,
     #[arg(long = "daemon-child", hide = true)]
     daemon_child: bool,
 }
@@ -293,6 +301,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `--prefetch-rate`: a size per second, the `/s` optional.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    parse_size(text.trim().trim_end_matches("/s"))
+}
+
 /// `--cache-max` and `--max`: sizes as the config file writes them.
 fn parse_size(text: &str) -> Result<u64, String> {
     imgfs::config::ByteSize::parse(text).map(|b| b.0)
@@ -389,8 +402,10 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         runtime: runtime.handle().clone(),
         read_timeout: Duration::from_secs(args.read_timeout),
         fetched: Arc::new(AtomicU64::new(0)),
+        demand: Arc::default(),
     };
-    let image = mount::filesystem(&prepared, &cache, &network)?;
+    let (image, remote) = mount::filesystem(&prepared, &cache, &network)?;
+    let mut remote = Some(remote);
     let upper_dir = UpperDir::choose(args)?;
     let upper = match &upper_dir {
         Some(dir) => Some(
@@ -438,6 +453,7 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         fetched_bytes: 0,
     };
     let mut housekeeper = None;
+    let mut prefetcher = None;
     let served = fuse::serve(fs, &args.mountpoint, &options, |unmounter| {
         unmount_on_signal(&runtime, unmounter);
         if let Err(e) = record.save(&state_dir()) {
@@ -448,11 +464,20 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
             network.fetched.clone(),
             args.cache_max,
         ));
+        prefetcher = remote.take().and_then(|layers| {
+            mount::prefetch(
+                layers,
+                args.prefetch,
+                args.prefetch_rate,
+                network.demand.clone(),
+            )
+        });
         tracing::info!(mountpoint = %args.mountpoint.display(), image = %prepared.image.manifest_digest, "mounted");
         if daemon {
             announce_ready(&log);
         }
     });
+    drop(prefetcher);
     if let Some(h) = housekeeper {
         h.stop();
     }
@@ -758,6 +783,7 @@ fn pull(
         runtime: runtime.handle().clone(),
         read_timeout: Duration::from_secs(PULL_READ_TIMEOUT),
         fetched: Arc::new(AtomicU64::new(0)),
+        demand: Arc::default(),
     };
     mount::warm(&prepared, &cache, &network, &progress)?;
     println!(

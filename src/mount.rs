@@ -15,15 +15,15 @@ use crate::layer::{
 };
 use crate::reference::Reference;
 use crate::registry::{Client, RegistryError};
-use crate::source::{BlockSource, RangeFetcher, SpillSource};
+use crate::source::{BlockSource, Demand, RangeFetcher, SpillSource};
 use crate::union::Tree;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
@@ -334,23 +334,34 @@ pub struct Network {
     pub read_timeout: Duration,
     /// Bytes fetched by every layer, counted for `imgfs ps`.
     pub fetched: Arc<AtomicU64>,
+    /// On-demand fetches of every layer, which background prefetching yields to.
+    pub demand: Arc<Demand>,
 }
 
+/// The layers of a mount whose bytes come from the network, for prefetching.
+pub struct RemoteLayers(Vec<Arc<BlockSource>>);
+
 /// Builds the filesystem for a prepared image: the union tree and one
-/// reader per layer over the cache and the registry.
+/// reader per layer over the cache and the registry; also hands back the
+/// layers that [`prefetch`] can fetch.
 pub fn filesystem(
     prepared: &Prepared,
     cache: &Cache,
     network: &Network,
-) -> Result<ImageFs, MountError> {
+) -> Result<(ImageFs, RemoteLayers), MountError> {
     let tree = Tree::build(&prepared.indexes);
     let mut readers = Vec::with_capacity(prepared.indexes.len());
+    let mut remote = Vec::new();
     for (index, layer) in prepared.indexes.iter().zip(&prepared.image.layers) {
-        let source = layer_source(prepared, cache, network, index, layer)?;
+        let (source, block_source) = layer_source(prepared, cache, network, index, layer)?;
+        remote.extend(block_source);
         readers.push(LayerReader::new(index.clone(), source));
     }
-    Ok(ImageFs::new(tree, readers))
+    Ok((ImageFs::new(tree, readers), RemoteLayers(remote)))
 }
+
+/// A layer's bytes, and the same source again when it is fetched by Range.
+type LayerSource = (Arc<dyn BlobSource>, Option<Arc<BlockSource>>);
 
 fn layer_source(
     prepared: &Prepared,
@@ -358,7 +369,7 @@ fn layer_source(
     network: &Network,
     index: &Index,
     layer: &LayerDescriptor,
-) -> Result<Arc<dyn BlobSource>, MountError> {
+) -> Result<LayerSource, MountError> {
     let digest = layer.blob.digest;
     let io_err = |what| {
         move |source| MountError::Io {
@@ -368,14 +379,15 @@ fn layer_source(
         }
     };
     Ok(match index.access {
-        Access::Spill => Arc::new(
-            SpillSource::open(
+        Access::Spill => {
+            let spill = SpillSource::open(
                 &cache.spill_path(&digest),
                 index.stream_size,
                 index.block_digests.clone(),
             )
-            .map_err(io_err("opening the decompressed layer in the cache"))?,
-        ),
+            .map_err(io_err("opening the decompressed layer in the cache"))?;
+            (Arc::new(spill), None)
+        }
         Access::Tar | Access::Gzip { .. } => {
             let fetcher = RegistryFetcher {
                 client: network.client.clone(),
@@ -385,7 +397,7 @@ fn layer_source(
                 timeout: network.read_timeout,
                 fetched: network.fetched.clone(),
             };
-            Arc::new(
+            let source = Arc::new(
                 BlockSource::open(
                     &cache.blob_path(&digest),
                     index.blob_size,
@@ -393,8 +405,10 @@ fn layer_source(
                     Arc::new(fetcher),
                 )
                 .map_err(io_err("opening the block cache"))?
-                .with_fetch_locks(cache.fetch_lock_prefix(&digest)),
-            )
+                .with_fetch_locks(cache.fetch_lock_prefix(&digest))
+                .with_demand(network.demand.clone()),
+            );
+            (source.clone(), Some(source))
         }
     })
 }
@@ -450,7 +464,7 @@ fn warm_layer(
         bar.set_position(bar.length().unwrap_or(0));
         return Ok(());
     }
-    let source = layer_source(prepared, cache, network, index, layer)?;
+    let (source, _) = layer_source(prepared, cache, network, index, layer)?;
     let mut offset = 0;
     while offset < index.blob_size {
         let len = WARM_CHUNK.min(index.blob_size - offset);
@@ -469,4 +483,179 @@ fn warm_bar(layer: &LayerDescriptor) -> ProgressBar {
     let bar = layer_bar(layer);
     bar.set_prefix(format!("fetching {}", &layer.blob.digest.hex()[..12]));
     bar
+}
+
+/// What a mount fetches in the background once it is live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Prefetch {
+    /// Only what is read.
+    None,
+    /// The files an eStargz layer marks as needed at start; nothing for
+    /// other layers (and, until eStargz is supported, nothing at all).
+    #[default]
+    Landmark,
+    /// Every block of every layer.
+    All,
+}
+
+/// How long on-demand reads must have left the network alone before
+/// prefetching goes on.
+const DEMAND_QUIET: Duration = Duration::from_millis(200);
+/// Bytes asked for at once by prefetching: small, so a read that arrives
+/// waits for little, and the rate stays smooth.
+const PREFETCH_CHUNK: u64 = 1 << 20;
+/// Niceness of the prefetching thread (its hashing competes with reads').
+const PREFETCH_NICE: i32 = 10;
+/// Longest single sleep, so a stop request is seen soon.
+const PREFETCH_TICK: Duration = Duration::from_millis(50);
+
+/// Stops background prefetching when dropped (the thread finishes the
+/// chunk it is fetching and ends).
+pub struct Prefetcher {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts fetching `layers` in the background as `mode` says, at most
+/// `rate` bytes per second (0: no limit), stepping aside while on-demand
+/// reads fetch. `None` when there is nothing to do.
+pub fn prefetch(
+    layers: RemoteLayers,
+    mode: Prefetch,
+    rate: u64,
+    demand: Arc<Demand>,
+) -> Option<Prefetcher> {
+    // Landmarks come from eStargz layers, which are not supported yet.
+    if mode != Prefetch::All || layers.0.is_empty() {
+        return None;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name("imgfs-prefetch".into())
+        .spawn(move || {
+            lower_priority();
+            let mut bucket = TokenBucket::new(rate);
+            for layer in &layers.0 {
+                if let Err(e) = prefetch_layer(layer, &mut bucket, &demand, &flag) {
+                    tracing::warn!(error = %e, "background prefetch stopped");
+                    return;
+                }
+            }
+            tracing::info!("background prefetch done");
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no background prefetch");
+    }
+    Some(Prefetcher { stop })
+}
+
+fn prefetch_layer(
+    layer: &BlockSource,
+    bucket: &mut TokenBucket,
+    demand: &Demand,
+    stop: &AtomicBool,
+) -> Result<(), layer::SourceError> {
+    let mut offset = 0;
+    while offset < layer.blob_size() {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let wait = bucket.wait_needed();
+            if wait.is_zero() && demand.quiet_for(DEMAND_QUIET) {
+                break;
+            }
+            std::thread::sleep(wait.clamp(Duration::from_millis(1), PREFETCH_TICK));
+        }
+        let len = PREFETCH_CHUNK.min(layer.blob_size() - offset);
+        let before = layer.fetched_bytes();
+        layer.prefetch(offset, len)?;
+        // Blocks already cached cost nothing.
+        bucket.spend(layer.fetched_bytes() - before);
+        offset += len;
+    }
+    Ok(())
+}
+
+/// Best effort: this thread only (Linux nice values are per thread).
+fn lower_priority() {
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(tid) = tid
+        && let Err(e) = rustix::process::setpriority_process(Some(tid), PREFETCH_NICE)
+    {
+        tracing::debug!(error = %e, "prefetch runs at normal priority");
+    }
+}
+
+/// Bytes per second, paid after the fact: a fetch may overdraw, and the
+/// next one waits until the debt is paid. Holds at most one chunk of
+/// credit, so an idle spell does not allow a burst.
+struct TokenBucket {
+    rate: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64) -> Self {
+        TokenBucket {
+            rate,
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate as f64;
+        self.tokens = (self.tokens + earned).min(PREFETCH_CHUNK as f64);
+        self.last = now;
+    }
+
+    /// How long until the next fetch may start.
+    fn wait_needed(&mut self) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        self.refill();
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(-self.tokens / self.rate as f64)
+    }
+
+    fn spend(&mut self, bytes: u64) {
+        if self.rate != 0 {
+            self.tokens -= bytes as f64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_makes_fetches_wait_for_their_bytes() {
+        let mut bucket = TokenBucket::new(1 << 20);
+        assert_eq!(bucket.wait_needed(), Duration::ZERO);
+        bucket.spend(2 << 20);
+        let wait = bucket.wait_needed();
+        assert!(
+            wait > Duration::from_millis(1900) && wait <= Duration::from_secs(2),
+            "{wait:?}"
+        );
+        let mut unlimited = TokenBucket::new(0);
+        unlimited.spend(u64::MAX);
+        assert_eq!(unlimited.wait_needed(), Duration::ZERO);
+    }
 }

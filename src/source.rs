@@ -12,13 +12,16 @@
 //! once it has the lock, so two mounts of one cold layer fetch each block once.
 //!
 //! [`SpillSource`] does the same checks over a zstd layer's spilled stream.
+//!
+//! Background prefetching goes through the same path ([`BlockSource::prefetch`]);
+//! [`Demand`] tells it when on-demand reads are fetching so it can step aside.
 
 use crate::layer::{BLOCK_SIZE, BlobSource, SourceError};
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,65 @@ pub trait RangeFetcher: Send + Sync {
     fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, SourceError>;
     /// Names the blob in errors (`registry/repo@digest`).
     fn describe(&self) -> String;
+}
+
+/// On-demand fetches in progress and when the last one ended, shared by
+/// every source of a mount so background prefetching yields to them.
+pub struct Demand {
+    active: AtomicUsize,
+    /// Milliseconds after `epoch` at which the last on-demand fetch ended.
+    last_end_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Demand {
+    fn default() -> Self {
+        Demand {
+            active: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Demand {
+    /// True when no on-demand fetch is running and none ended in `quiet`.
+    pub fn quiet_for(&self, quiet: Duration) -> bool {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let last = self.last_end_ms.load(Ordering::Acquire);
+        let now = self.now_ms();
+        last == 0 || now.saturating_sub(last) >= quiet.as_millis() as u64
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Never 0, which means "no fetch yet".
+        (self.epoch.elapsed().as_millis() as u64).max(1)
+    }
+
+    fn begin(self: &Arc<Self>) -> DemandGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        DemandGuard(self.clone())
+    }
+}
+
+/// Ends an on-demand fetch when dropped, even on error.
+struct DemandGuard(Arc<Demand>);
+
+impl Drop for DemandGuard {
+    fn drop(&mut self) {
+        let now = self.0.now_ms();
+        self.0.last_end_ms.store(now, Ordering::Release);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Who asked for a block: a reader waiting on it, or background prefetching.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Read,
+    Prefetch,
 }
 
 /// Block-digest bookkeeping shared by both sources.
@@ -91,6 +153,7 @@ pub struct BlockSource {
     fetched: AtomicU64,
     /// `PREFIX.<stripe>` lock files shared with other processes, if any.
     fetch_locks: Option<PathBuf>,
+    demand: Option<Arc<Demand>>,
 }
 
 impl BlockSource {
@@ -123,7 +186,29 @@ impl BlockSource {
             landed: Condvar::new(),
             fetched: AtomicU64::new(0),
             fetch_locks: None,
+            demand: None,
         })
+    }
+
+    /// Records this source's on-demand fetches in `demand`.
+    pub fn with_demand(mut self, demand: Arc<Demand>) -> BlockSource {
+        self.demand = Some(demand);
+        self
+    }
+
+    /// Size of the blob in bytes.
+    pub fn blob_size(&self) -> u64 {
+        self.blocks.size
+    }
+
+    /// Makes the blocks covering `offset..offset + len` verified in the
+    /// cache without reading them out, and without counting as demand.
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        match self.blocks.range(offset, len) {
+            Some((first, last, _)) => self.ensure(first, last, Why::Prefetch),
+            None => Ok(()),
+        }
     }
 
     /// Coordinates fetches with other processes through lock files named
@@ -143,11 +228,11 @@ impl BlockSource {
     }
 
     /// Makes every block in `first..=last` verified on disk.
-    fn ensure(&self, first: u64, last: u64) -> Result<(), SourceError> {
+    fn ensure(&self, first: u64, last: u64, why: Why) -> Result<(), SourceError> {
         let deadline = Instant::now() + WAIT_FOR_OTHERS;
         loop {
             let (claimed, waiting) = self.claim(first, last);
-            let result = self.fill(&claimed);
+            let result = self.fill(&claimed, why);
             self.release(&claimed, result.is_ok());
             result?;
             if !waiting {
@@ -208,7 +293,7 @@ impl BlockSource {
     }
 
     /// Checks the claimed blocks already on disk; fetches the rest in runs.
-    fn fill(&self, claimed: &[u64]) -> Result<(), SourceError> {
+    fn fill(&self, claimed: &[u64], why: Why) -> Result<(), SourceError> {
         let missing: Vec<u64> = claimed
             .iter()
             .copied()
@@ -222,6 +307,10 @@ impl BlockSource {
                 None => run.to_vec(),
             };
             for part in runs(&still) {
+                let _demand = match (&self.demand, why) {
+                    (Some(demand), Why::Read) => Some(demand.begin()),
+                    _ => None,
+                };
                 self.fetch_run(part[0], part[part.len() - 1])?;
             }
         }
@@ -290,7 +379,7 @@ impl BlobSource for BlockSource {
         let Some((first, last, end)) = self.blocks.range(offset, len) else {
             return Ok(Vec::new());
         };
-        self.ensure(first, last)?;
+        self.ensure(first, last, Why::Read)?;
         let mut out = vec![0u8; (end - offset) as usize];
         self.file
             .read_exact_at(&mut out, offset)
@@ -527,6 +616,25 @@ mod tests {
             assert_eq!(got, blob.bytes[..3 * BLOCK_SIZE as usize]);
         }
         assert_eq!(blob.requests.lock().expect("lock").len(), 1);
+    }
+
+    #[test]
+    fn reads_count_as_demand_and_prefetching_does_not() {
+        let (_dir, blob, source) = setup(false);
+        let demand = Arc::new(Demand::default());
+        let source = source.with_demand(demand.clone());
+        let quiet = Duration::from_secs(60);
+        source.prefetch(0, 2 * BLOCK_SIZE as u64).expect("prefetch");
+        assert!(demand.quiet_for(quiet), "prefetching is not demand");
+        // Already there: no fetch, still quiet.
+        source.read_at(0, 10).expect("cached read");
+        assert!(demand.quiet_for(quiet));
+        source
+            .read_at(3 * BLOCK_SIZE as u64, 10)
+            .expect("cold read");
+        assert!(!demand.quiet_for(quiet), "a cold read is demand");
+        assert!(demand.quiet_for(Duration::ZERO));
+        assert_eq!(blob.requests.lock().expect("lock").len(), 2);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The busybox binary the `busybox` test image is built from.
 const HOST_BUSYBOX: &str = "/bin/busybox";
@@ -249,9 +250,18 @@ const BIG_FILE: usize = 64 << 20;
 /// An image of one gzip layer holding `big.bin` (random); returns the
 /// reference, its layers and the file's bytes.
 fn push_one_big_file(reg: &Registry, dir: &Path) -> (String, Vec<(String, String, u64)>, Vec<u8>) {
+    push_random_file(reg, dir, BIG_FILE)
+}
+
+/// [`push_one_big_file`] with `size` random bytes.
+fn push_random_file(
+    reg: &Registry,
+    dir: &Path,
+    size: usize,
+) -> (String, Vec<(String, String, u64)>, Vec<u8>) {
     let root = dir.join("root");
     fs::create_dir_all(&root).expect("mkdir");
-    let mut bytes = vec![0u8; BIG_FILE];
+    let mut bytes = vec![0u8; size];
     let mut urandom = fs::File::open("/dev/urandom").expect("urandom");
     std::io::Read::read_exact(&mut urandom, &mut bytes).expect("random bytes");
     fs::write(root.join("big.bin"), &bytes).expect("write big.bin");
@@ -423,5 +433,107 @@ fn a_mount_with_cache_max_evicts_unmounted_images_and_keeps_its_own() {
             "index of the mounted layer {digest} was evicted"
         );
     }
+    m.unmount();
+}
+
+/// Waits until `imgfs ps` shows `want` bytes fetched by the mount at
+/// `mountpoint`; fails after `limit`.
+fn wait_fetched(mountpoint: &Path, want: u64, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let entry = ps_entry(mountpoint).expect("imgfs ps lists the mount");
+        let fetched = entry["fetched_bytes"].as_u64().unwrap_or(0);
+        if fetched == want {
+            return;
+        }
+        assert!(
+            fetched < want,
+            "fetched {fetched} bytes of a {want} byte image"
+        );
+        assert!(
+            start.elapsed() < limit,
+            "after {limit:?} the prefetch fetched {fetched} of {want} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Seconds of the day at which the registry logged each blob GET after the
+/// first `mark` requests (its `time=` field, RFC 3339).
+fn blob_get_times(reg: &Registry, mark: usize) -> Vec<f64> {
+    reg.blob_gets_since(mark);
+    reg.log_text()
+        .lines()
+        .filter(|l| l.contains("msg=\"response completed\""))
+        .skip(mark)
+        .filter(|l| l.contains("http.request.method=GET") && l.contains("/blobs/sha256:"))
+        .filter_map(|l| {
+            let time = l.split("time=\"").nth(1)?.split('"').next()?;
+            let clock = time.split('T').nth(1)?;
+            let clock = clock.trim_end_matches('Z');
+            let clock = clock.split(['+', '-']).next()?;
+            let mut parts = clock.split(':');
+            let h: f64 = parts.next()?.parse().ok()?;
+            let m: f64 = parts.next()?.parse().ok()?;
+            let s: f64 = parts.next()?.parse().ok()?;
+            Some(h * 3600.0 + m * 60.0 + s)
+        })
+        .collect()
+}
+
+/// Bandwidth cap given to the prefetch in the rate test, and the size of its image.
+const SLOW_RATE: u64 = 2 << 20;
+const SLOW_IMAGE: usize = 10 << 20;
+/// Bytes fetching may run ahead of the cap: the first chunk goes at once.
+const PREFETCH_BURST: u64 = 1 << 20;
+
+#[test]
+fn prefetch_all_fetches_every_layer_in_the_background_within_its_rate() {
+    let reg = Registry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().expect("temp dir");
+
+    // Unlimited: the whole image arrives, and reading it all then moves nothing.
+    let reference = push(&reg, "busybox", "bb:latest", Compress::Gzip);
+    let layers = layers(&reg, "bb:latest");
+    let size: u64 = layers.iter().map(|l| l.2).sum();
+    let cache = temp_cache();
+    let opts = |rate: &str| MountOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        extra_args: ["--read-only", "--prefetch", "all", "--prefetch-rate", rate]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    let m = Mount::new(&reference, opts("0"));
+    wait_fetched(m.path(), size, Duration::from_secs(60));
+    let mark = reg.requests().len();
+    let files = read_all(m.path());
+    assert!(!files.is_empty());
+    let moved: u64 = range_bytes(&reg, mark, &layers).values().sum();
+    assert_eq!(
+        moved, 0,
+        "reads after a full prefetch fetched {moved} bytes"
+    );
+    m.unmount();
+
+    // Capped: the blob requests are spread over at least the time the cap allows.
+    let (reference, layers, want) = push_random_file(&reg, work.path(), SLOW_IMAGE);
+    let size: u64 = layers.iter().map(|l| l.2).sum();
+    let m = Mount::new(&reference, opts(&SLOW_RATE.to_string()));
+    // Mounted: the indexing pass is over, what follows is the prefetch.
+    let mark = reg.requests().len();
+    wait_fetched(m.path(), size, Duration::from_secs(60));
+    let times = blob_get_times(&reg, mark);
+    assert!(times.len() >= 2, "prefetch blob requests: {times:?}");
+    let elapsed = times[times.len() - 1] - times[0];
+    let allowed = (size - 2 * PREFETCH_BURST) as f64 / SLOW_RATE as f64;
+    assert!(
+        elapsed >= allowed * 0.9,
+        "{size} bytes in {elapsed:.2}s: faster than {SLOW_RATE} bytes/s allows ({allowed:.2}s)"
+    );
+    let mark = reg.requests().len();
+    assert_eq!(fs::read(m.path().join("big.bin")).expect("read"), want);
+    let moved: u64 = range_bytes(&reg, mark, &layers).values().sum();
+    assert_eq!(moved, 0, "a read after the prefetch fetched {moved} bytes");
     m.unmount();
 }
