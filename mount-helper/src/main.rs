@@ -78,6 +78,9 @@ fn map_option(opt: &str) -> Result<Vec<OsString>, String> {
         "threads" => "--threads",
         "upper" => "--upper",
         "read-timeout" | "read_timeout" => "--read-timeout",
+        "cache-max" | "cache_max" => "--cache-max",
+        "prefetch" => "--prefetch",
+        "prefetch-rate" | "prefetch_rate" => "--prefetch-rate",
         _ => return Err(format!("unknown option {opt:?}")),
     };
     Ok(vec![flag.into(), value.into()])
@@ -107,6 +110,20 @@ mod tests {
             map_option("platform=linux/arm64").unwrap(),
             vec!["--platform".into(), "linux/arm64".into()] as Vec<std::ffi::OsString>
         );
+        for (opt, flag, value) in [
+            ("cache_max=10G", "--cache-max", "10G"),
+            ("cache-max=512M", "--cache-max", "512M"),
+            ("prefetch=all", "--prefetch", "all"),
+            ("prefetch_rate=2MiB/s", "--prefetch-rate", "2MiB/s"),
+            ("prefetch-rate=0", "--prefetch-rate", "0"),
+        ] {
+            assert_eq!(
+                map_option(opt).unwrap(),
+                vec![flag.into(), value.into()] as Vec<std::ffi::OsString>,
+                "{opt}"
+            );
+        }
+        assert!(map_option("prefetch").is_err(), "a value is required");
         assert!(map_option("bogus").is_err());
         assert!(map_option("bogus=1").is_err());
     }
