@@ -395,7 +395,7 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
     let cache = Cache::open(cache_dir)?;
     let runtime = runtime()?;
     let client = Client::new(client_options)?;
-    let prepared = prepare(&runtime, &client, &cache, &reference, platform.as_ref())?;
+    let mut prepared = prepare(&runtime, &client, &cache, &reference, platform.as_ref())?;
     note_use(&cache, &prepared);
     let network = mount::Network {
         client,
@@ -404,7 +404,7 @@ fn mount_here(args: &MountArgs, cache_dir: &Path, client_options: ClientOptions)
         fetched: Arc::new(AtomicU64::new(0)),
         demand: Arc::default(),
     };
-    let (image, remote) = mount::filesystem(&prepared, &cache, &network)?;
+    let (image, remote) = mount::filesystem(&mut prepared, &cache, &network)?;
     let mut remote = Some(remote);
     let upper_dir = UpperDir::choose(args)?;
     let upper = match &upper_dir {

@@ -343,21 +343,31 @@ pub struct RemoteLayers(Vec<Arc<BlockSource>>);
 
 /// Builds the filesystem for a prepared image: the union tree and one
 /// reader per layer over the cache and the registry; also hands back the
-/// layers that [`prefetch`] can fetch.
+/// layers that [`prefetch`] can fetch. Takes the indexes out of `prepared`:
+/// once the tree holds the entries, the readers keep only where the bytes
+/// are, so a mount does not hold every tar entry twice.
 pub fn filesystem(
-    prepared: &Prepared,
+    prepared: &mut Prepared,
     cache: &Cache,
     network: &Network,
 ) -> Result<(ImageFs, RemoteLayers), MountError> {
-    let tree = Tree::build(&prepared.indexes);
-    let mut readers = Vec::with_capacity(prepared.indexes.len());
+    let indexes = std::mem::take(&mut prepared.indexes);
+    let tree = Tree::build(&indexes);
+    let mut readers = Vec::with_capacity(indexes.len());
     let mut remote = Vec::new();
-    for (index, layer) in prepared.indexes.iter().zip(&prepared.image.layers) {
-        let (source, block_source) = layer_source(prepared, cache, network, index, layer)?;
+    for (index, layer) in indexes.into_iter().zip(&prepared.image.layers) {
+        let (source, block_source) = layer_source(prepared, cache, network, &index, layer)?;
         remote.extend(block_source);
-        readers.push(LayerReader::new(index.clone(), source));
+        readers.push(LayerReader::new(Arc::new(without_entries(index)), source));
     }
     Ok((ImageFs::new(tree, readers), RemoteLayers(remote)))
+}
+
+/// The index without its tar entries, copied only if someone else holds it.
+fn without_entries(index: Arc<Index>) -> Index {
+    let mut index = Arc::unwrap_or_clone(index);
+    index.entries = Vec::new();
+    index
 }
 
 /// A layer's bytes, and the same source again when it is fetched by Range.
