@@ -668,4 +668,71 @@ mod tests {
         unlimited.spend(u64::MAX);
         assert_eq!(unlimited.wait_needed(), Duration::ZERO);
     }
+
+    /// How long the on-demand fetch of the test below takes.
+    const SLOW_READ: Duration = Duration::from_millis(300);
+
+    /// An in-memory blob whose first block is slow, logging when each
+    /// request started and ended.
+    struct SlowStart {
+        bytes: Vec<u8>,
+        log: std::sync::Mutex<Vec<(u64, Instant, Instant)>>,
+    }
+
+    impl RangeFetcher for SlowStart {
+        fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, layer::SourceError> {
+            let began = Instant::now();
+            if start == 0 {
+                std::thread::sleep(SLOW_READ);
+            }
+            let out = self.bytes[start as usize..end as usize].to_vec();
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            log.push((start, began, Instant::now()));
+            Ok(out)
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    #[test]
+    fn prefetching_waits_while_reads_fetch_and_fetches_everything() {
+        let block = u64::from(layer::BLOCK_SIZE);
+        let size = PREFETCH_CHUNK * 3 + 123;
+        let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let digests = bytes
+            .chunks(block as usize)
+            .map(|c| *Digest::of(c).as_bytes())
+            .collect();
+        let blob = Arc::new(SlowStart {
+            bytes,
+            log: std::sync::Mutex::new(Vec::new()),
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let demand = Arc::new(Demand::default());
+        let source = Arc::new(
+            BlockSource::open(&dir.path().join("blob"), size, digests, blob.clone())
+                .expect("open")
+                .with_demand(demand.clone()),
+        );
+        let reader = {
+            let source = source.clone();
+            std::thread::spawn(move || source.read_at(0, 10))
+        };
+        // Let the read start before prefetching does.
+        std::thread::sleep(SLOW_READ / 3);
+        let mut bucket = TokenBucket::new(0);
+        prefetch_layer(&source, &mut bucket, &demand, &AtomicBool::new(false)).expect("prefetch");
+        reader.join().expect("reader").expect("read");
+        let log = blob.log.lock().expect("log").clone();
+        let (_, _, read_end) = log.iter().find(|r| r.0 == 0).copied().expect("the read");
+        for &(start, began, _) in log.iter().filter(|r| r.0 != 0) {
+            assert!(
+                began >= read_end + DEMAND_QUIET,
+                "prefetch of {start} began {:?} after the read ended",
+                began.saturating_duration_since(read_end)
+            );
+        }
+        assert_eq!(source.fetched_bytes(), size, "every byte fetched once");
+    }
 }
