@@ -161,7 +161,21 @@ impl OverlayFs {
     }
 
     fn inode(&self, ino: Ino) -> Result<Inode, Errno> {
-        self.state().inodes.get(&ino).cloned().ok_or(Errno::ENOENT)
+        if let Some(inode) = self.state().inodes.get(&ino) {
+            return Ok(inode.clone());
+        }
+        if self.upper.is_some() {
+            return Err(Errno::ENOENT);
+        }
+        // Read-only: image inodes are not recorded (the tree knows them), which
+        // keeps a mount's memory at the tree's size however much is looked up.
+        let node = self.lower_node(ino)?;
+        Ok(Inode {
+            names: vec![(node.parent, Vec::new())],
+            lower: Some(ino),
+            upper: false,
+            kind: self.lower.getattr(ino)?.kind,
+        })
     }
 
     /// The inode's path in the merged view ("" for the root).
@@ -247,6 +261,9 @@ impl OverlayFs {
         match located {
             Located::Lower(l) => {
                 let attr = self.lower.getattr(l)?;
+                if self.upper.is_none() {
+                    return Ok(attr); // see `inode`
+                }
                 let inode = Inode {
                     names: Vec::new(),
                     lower: Some(l),
@@ -327,7 +344,11 @@ impl OverlayFs {
         if name == b".." {
             return self.getattr_locked(dir.parent());
         }
-        let path = self.path(parent)?;
+        // Only the upper is reached by path (read-only mounts record no names).
+        let path = match self.upper {
+            Some(_) => self.path(parent)?,
+            None => Vec::new(),
+        };
         match self.locate(&dir, &path, name)? {
             Some(located) => self.remember(parent, name, located),
             None => Err(Errno::ENOENT),
@@ -341,7 +362,7 @@ impl OverlayFs {
 
     fn getattr_locked(&self, ino: Ino) -> Result<Attr, Errno> {
         let inode = self.inode(ino)?;
-        if inode.names.is_empty() {
+        if inode.upper && inode.names.is_empty() {
             return self.getattr_unlinked(ino);
         }
         let Some(upper) = self.upper.as_ref().filter(|_| inode.upper) else {
@@ -421,10 +442,10 @@ impl OverlayFs {
     }
 
     fn merged_listing(&self, ino: Ino, dir: &Inode) -> Result<Vec<Listed>, Errno> {
-        let path = self.path(ino)?;
         let mut out: Vec<Listed> = Vec::new();
         let mut hidden: HashSet<Vec<u8>> = HashSet::new();
         if let Some(upper) = &self.upper {
+            let path = self.path(ino)?;
             let entries = match upper.list(&path) {
                 Ok(entries) => entries,
                 Err(e) if e.errno() == libc::ENOENT => Vec::new(),

@@ -236,14 +236,20 @@ fn harness_compare_trees_catches_every_alteration() {
 
 // ------------------------------------------------------------------ union
 
-fn union_matches_reference(compress: Compress) {
+/// `args` picks the mount mode: both the read-only view and a writable
+/// mount with an empty upper must equal the reference unpack.
+fn union_matches_reference(compress: Compress, args: &[&str]) {
     let reg = Registry::start(RegistryOptions::default());
     let reference = push(&reg, "union", "union:latest", compress);
     for (media_type, digest, size) in layers(&reg, "union:latest") {
         eprintln!("{compress:?}: layer {digest} {media_type} {size} bytes");
     }
     let expected = reference_unpack(&reg, &reference);
-    let mount = Mount::new(&reference, MountOptions::default());
+    let opts = MountOptions {
+        extra_args: args.iter().map(|a| a.to_string()).collect(),
+        ..MountOptions::default()
+    };
+    let mount = Mount::new(&reference, opts);
     eprintln!("{compress:?}: imgfs mount took {:.1?}", mount.elapsed);
     let (want, got) = (expected.path(), mount.path().to_path_buf());
     let diffs = within(
@@ -329,17 +335,17 @@ fn regular_files(root: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn union_uncompressed_matches_reference() {
-    union_matches_reference(Compress::None);
+    union_matches_reference(Compress::None, &["--read-only"]);
 }
 
 #[test]
 fn union_gzip_matches_reference() {
-    union_matches_reference(Compress::Gzip);
+    union_matches_reference(Compress::Gzip, &[]);
 }
 
 #[test]
 fn union_zstd_matches_reference() {
-    union_matches_reference(Compress::Zstd);
+    union_matches_reference(Compress::Zstd, &["--read-only"]);
 }
 
 /// GNU tar's sparse entries (old GNU format and PAX 1.0) read back as
