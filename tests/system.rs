@@ -115,7 +115,7 @@ fn mount_t_imgfs_and_fstab_lines_work_and_imgfs_ps_lists_them() {
     fs::write(
         &fstab,
         format!(
-            "# imgfs test\n{reference} {} imgfs cache={},ro 0 0\n",
+            "# imgfs test\n{reference} {} imgfs cache={},ro,{FSTAB_EXTRA} 0 0\n",
             by_fstab.display(),
             cache.display()
         ),
@@ -139,8 +139,42 @@ fn mount_t_imgfs_and_fstab_lines_work_and_imgfs_ps_lists_them() {
             "imgfs ps does not list {dir}: {listed:?}"
         );
     }
+    // The fstab options reached the daemon as the flags they stand for.
+    let args = daemon_args(&by_fstab);
+    for flag in [
+        ["--cache-max", "10G"],
+        ["--prefetch", "all"],
+        ["--prefetch-rate", "0"],
+    ] {
+        assert!(
+            args.windows(2).any(|w| w == flag),
+            "{flag:?} not in the daemon's arguments {args:?}"
+        );
+    }
     umount(&by_mount);
     umount(&by_fstab);
+}
+
+/// Options of the fstab line beyond cache= and ro, checked in the daemon's arguments.
+const FSTAB_EXTRA: &str = "cache_max=10G,prefetch=all,prefetch_rate=0";
+
+/// The command line of the mount daemon serving `mountpoint` (from `imgfs ps`).
+fn daemon_args(mountpoint: &std::path::Path) -> Vec<String> {
+    let out = run_ok(Command::new(IMGFS).args(["ps", "--json"]), SHORT);
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).expect("ps --json is JSON");
+    let canonical = mountpoint.canonicalize().expect("canonical");
+    let pid = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|m| m["mountpoint"].as_str() == canonical.to_str())
+        .and_then(|m| m["pid"].as_u64())
+        .expect("imgfs ps lists the mount with its pid");
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).expect("daemon cmdline");
+    cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }
 
 /// EROFS, without a libc dependency in the tests.
