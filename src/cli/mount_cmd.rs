@@ -340,15 +340,50 @@ pub(crate) fn unmount_on_signal(
 }
 
 pub(crate) fn umount(mountpoint: &Path) -> Result<()> {
+    // The daemon's pid, to wait for its clean-up (upper sync, temporary
+    // upper removed, record dropped) before saying the mount is gone.
+    let daemon = MountRecord::load(&state_dir(), mountpoint)
+        .ok()
+        .map(|r| r.pid);
     let status = Process::new("fusermount3")
         .arg("-u")
         .arg("--")
         .arg(mountpoint)
         .stderr(Stdio::null())
         .status();
-    if matches!(status, Ok(s) if s.success()) {
-        return Ok(());
+    if !matches!(status, Ok(s) if s.success()) {
+        rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()).with_context(
+            || format!("unmounting {}: is it an imgfs mount?", mountpoint.display()),
+        )?;
     }
-    rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty())
-        .with_context(|| format!("unmounting {}: is it an imgfs mount?", mountpoint.display()))
+    if let Some(pid) = daemon {
+        wait_for_exit(pid, DAEMON_EXIT_WAIT);
+    }
+    Ok(())
+}
+
+/// How long `imgfs umount` waits for the daemon to finish its clean-up.
+const DAEMON_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+fn wait_for_exit(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while running(pid) {
+        if Instant::now() >= deadline {
+            tracing::warn!(pid, "the mount daemon is still finishing its clean-up");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` runs (a zombie nobody reaped has finished).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name: "pid (comm) S ...".
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
