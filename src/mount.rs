@@ -719,8 +719,13 @@ mod tests {
             let source = source.clone();
             std::thread::spawn(move || source.read_at(0, 10))
         };
-        // Let the read start before prefetching does.
-        std::thread::sleep(SLOW_READ / 3);
+        // Let the read's fetch begin before prefetching does (by the demand
+        // it registers, not by a sleep: this must hold on a loaded machine).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while demand.quiet_for(Duration::ZERO) {
+            assert!(Instant::now() < deadline, "the read never started fetching");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut bucket = TokenBucket::new(0);
         prefetch_layer(&source, &mut bucket, &demand, &AtomicBool::new(false)).expect("prefetch");
         reader.join().expect("reader").expect("read");
@@ -728,7 +733,8 @@ mod tests {
         let (_, _, read_end) = log.iter().find(|r| r.0 == 0).copied().expect("the read");
         for &(start, began, _) in log.iter().filter(|r| r.0 != 0) {
             assert!(
-                began >= read_end + DEMAND_QUIET,
+                // Demand keeps whole milliseconds: allow one of rounding.
+                began + Duration::from_millis(1) >= read_end + DEMAND_QUIET,
                 "prefetch of {start} began {:?} after the read ended",
                 began.saturating_duration_since(read_end)
             );

@@ -9,18 +9,15 @@
 mod common;
 
 use common::*;
-use std::fs::{self, File};
+use std::fs::{self};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
-/// How long the proxy may take to answer `/v2/` after it is started.
-const MIRROR_START: Duration = Duration::from_secs(20);
 /// How long the proxy may take to store the blobs it served (it copies
 /// them from the upstream in the background).
 const MIRROR_FILL: Duration = Duration::from_secs(60);
@@ -28,113 +25,17 @@ const POLL: Duration = Duration::from_millis(100);
 /// The file read on each machine.
 const PROBE_FILE: &str = "bin/busybox";
 
-/// A `docker-registry` in proxy mode in front of `upstream`, killed on drop.
-struct Mirror {
-    child: Child,
-    dir: TempDir,
-    port: u16,
-    log: PathBuf,
+/// A `docker-registry` in proxy mode in front of `upstream`.
+fn start_mirror(upstream: &Registry) -> Registry {
+    Registry::start(RegistryOptions {
+        proxy: Some(upstream.url("")),
+        ..RegistryOptions::default()
+    })
 }
 
-impl Mirror {
-    fn start(upstream: &Registry) -> Mirror {
-        let mut last = String::new();
-        for _ in 0..5 {
-            match Self::try_start(upstream) {
-                Ok(mirror) => return mirror,
-                Err(why) => last = why,
-            }
-        }
-        panic!("proxy docker-registry did not start: {last}");
-    }
-
-    fn try_start(upstream: &Registry) -> Result<Mirror, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("imgfs-mirror-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
-        let port = free_port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  \
-             filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nproxy:\n  \
-             remoteurl: {}\n",
-            dir.path().join("storage").display(),
-            upstream.url("")
-        );
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config).map_err(|e| e.to_string())?;
-        let log = dir.path().join("mirror.log");
-        let log_file = File::create(&log).map_err(|e| e.to_string())?;
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| format!("cannot run /usr/bin/docker-registry: {e}"))?;
-        let mut mirror = Mirror {
-            child,
-            dir,
-            port,
-            log,
-        };
-        let deadline = Instant::now() + MIRROR_START;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = mirror.child.try_wait() {
-                return Err(format!("exited with {status}: {}", mirror.log_text()));
-            }
-            let probe = run(
-                Command::new("curl")
-                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-                    .args(["--max-time", "2"])
-                    .arg(format!("{}/v2/", mirror.url())),
-                SHORT,
-            );
-            if probe.stdout.trim() == "200" {
-                return Ok(mirror);
-            }
-            std::thread::sleep(POLL);
-        }
-        Err(format!(
-            "no answer within {MIRROR_START:?}: {}",
-            mirror.log_text()
-        ))
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Blob requests the mirror answered.
-    fn blob_responses(&self) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains("msg=\"response completed\"") && l.contains("/blobs/sha256:"))
-            .count()
-    }
-
-    fn holds_blob(&self, digest: &str) -> bool {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-            .is_file()
-    }
-}
-
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Blob requests `mirror` answered.
+fn blob_responses(mirror: &Registry) -> usize {
+    mirror.requests().iter().filter(|r| r.is_blob_get()).count()
 }
 
 fn free_port() -> u16 {
@@ -217,14 +118,14 @@ fn blob_bytes(requests: &[Request]) -> u64 {
 fn second_machine_gets_every_blob_from_the_pull_through_mirror() {
     let upstream = Registry::start(RegistryOptions::default());
     let reference = push(&upstream, "busybox", "fleet/busybox:1", Compress::Gzip);
-    let mirror = Mirror::start(&upstream);
+    let mirror = start_mirror(&upstream);
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = write_config(dir.path(), &upstream.host(), &[mirror.url()]);
+    let config = write_config(dir.path(), &upstream.host(), &[mirror.url("")]);
 
     let mark = upstream.requests().len();
     let first = mount_and_read(&reference, &config);
     assert!(
-        mirror.blob_responses() > 0,
+        blob_responses(&mirror) > 0,
         "machine A never asked the mirror: {}",
         mirror.log_text()
     );
@@ -240,7 +141,7 @@ fn second_machine_gets_every_blob_from_the_pull_through_mirror() {
         .collect();
     digests.extend(manifest["config"]["digest"].as_str().map(String::from));
     let deadline = Instant::now() + MIRROR_FILL;
-    while !digests.iter().all(|d| mirror.holds_blob(d)) {
+    while !digests.iter().all(|d| mirror.blob_path(d).is_file()) {
         assert!(
             Instant::now() < deadline,
             "the mirror did not store {digests:?} within {MIRROR_FILL:?}"
@@ -248,7 +149,7 @@ fn second_machine_gets_every_blob_from_the_pull_through_mirror() {
         std::thread::sleep(POLL);
     }
 
-    let mirror_before = mirror.blob_responses();
+    let mirror_before = blob_responses(&mirror);
     let mark = upstream.requests().len();
     let second = mount_and_read(&reference, &config);
     assert_eq!(first, second, "both machines read the same bytes");
@@ -259,7 +160,7 @@ fn second_machine_gets_every_blob_from_the_pull_through_mirror() {
         "machine B took blob bytes from the upstream: {upstream_gets:?}"
     );
     assert!(
-        mirror.blob_responses() > mirror_before,
+        blob_responses(&mirror) > mirror_before,
         "machine B never asked the mirror"
     );
 }

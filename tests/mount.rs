@@ -441,6 +441,7 @@ fn basic_auth_credentials_come_from_docker_config() {
     let (user, password) = ("tester", "s3cret:with colon");
     let reg = Registry::start(RegistryOptions {
         auth: Some((user.into(), password.into())),
+        ..RegistryOptions::default()
     });
     let reference = push(&reg, "busybox", "private/busybox:1", Compress::Gzip);
 

@@ -250,6 +250,7 @@ async fn manifests_blobs_ranges_and_resolution() {
 async fn basic_auth_with_good_wrong_and_missing_credentials() {
     let reg = Registry::start(RegistryOptions {
         auth: Some(("alice".into(), "s3cret".into())),
+        ..RegistryOptions::default()
     });
     let p = push_image(&reg, "private/app");
     let r = reference(&reg, "private/app:v1");

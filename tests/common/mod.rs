@@ -192,6 +192,8 @@ pub fn assert_one_line_error(stderr: &str, words: &[&str]) {
 pub struct RegistryOptions {
     /// Basic auth (htpasswd) with this user and password.
     pub auth: Option<(String, String)>,
+    /// Run as a pull-through cache (proxy mode) of the registry at this URL.
+    pub proxy: Option<String>,
 }
 
 /// One request the registry logged.
@@ -265,6 +267,9 @@ impl Registry {
             write_docker_config(&docker_config, &format!("127.0.0.1:{port}"), user, password);
         } else {
             fs::write(docker_config.join("config.json"), "{}\n").map_err(|e| e.to_string())?;
+        }
+        if let Some(remote) = &opts.proxy {
+            config += &format!("proxy:\n  remoteurl: {remote}\n");
         }
         let config_path = dir.path().join("config.yml");
         fs::write(&config_path, config).map_err(|e| e.to_string())?;
