@@ -648,16 +648,32 @@ impl OverlayFs {
     /// Makes sure `ino` exists in the upper: parents first, then the entry
     /// with the image's metadata; every name of an image hardlink is linked.
     fn copy_up(&self, ino: Ino) -> Result<(), Errno> {
-        let inode = self.inode(ino)?;
-        if inode.upper {
-            return Ok(());
+        // Ancestors first, so each directory's inode knows it is in the upper;
+        // by a loop, not recursion: an image path can be thousands of levels deep.
+        let mut chain = Vec::new();
+        let mut current = ino;
+        loop {
+            let inode = self.inode(current)?;
+            if inode.upper {
+                break;
+            }
+            chain.push(current);
+            if current == ROOT {
+                break;
+            }
+            current = inode.parent();
         }
+        for ino in chain.into_iter().rev() {
+            self.copy_up_one(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Copies `ino` up; its parent is in the upper already.
+    fn copy_up_one(&self, ino: Ino) -> Result<(), Errno> {
+        let inode = self.inode(ino)?;
         let upper = self.upper.as_ref().ok_or(Errno::EROFS)?;
         let lower = inode.lower.ok_or(Errno::EIO)?;
-        if ino != ROOT {
-            // Ancestors first, so each directory's inode knows it is in the upper.
-            self.copy_up(inode.parent())?;
-        }
         if inode.kind == FileKind::Dir {
             let path = self.path(ino)?;
             upper.ensure_dirs(&path, &|prefix| self.meta_at(prefix))?;
@@ -1071,15 +1087,16 @@ impl OverlayFs {
     /// Copies an entry up with everything below it (for renaming image
     /// directories, which the upper can only do on a full copy).
     fn copy_up_tree(&self, ino: Ino) -> Result<(), Errno> {
-        self.copy_up(ino)?;
-        let inode = self.inode(ino)?;
-        if inode.kind != FileKind::Dir {
-            return Ok(());
-        }
-        let children = self.merged_listing(ino, &inode)?;
-        for child in children.into_iter().skip(2) {
-            let attr = self.lookup_locked(ino, &child.name)?;
-            self.copy_up_tree(attr.ino)?;
+        let mut pending = vec![ino];
+        while let Some(ino) = pending.pop() {
+            self.copy_up(ino)?;
+            let inode = self.inode(ino)?;
+            if inode.kind != FileKind::Dir {
+                continue;
+            }
+            for child in self.merged_listing(ino, &inode)?.into_iter().skip(2) {
+                pending.push(self.lookup_locked(ino, &child.name)?.ino);
+            }
         }
         Ok(())
     }

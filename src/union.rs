@@ -304,14 +304,18 @@ impl Builder {
         }
     }
 
+    /// Unlinks everything below `dir`, by a loop (trees can be very deep).
     fn clear_children(&mut self, dir: usize) {
-        let children = match &mut self.nodes[dir].kind {
-            BuildKind::Dir(children) => std::mem::take(children),
-            BuildKind::Leaf(_) => return,
-        };
-        for (_, slot) in children {
-            self.nodes[slot].nlink = self.nodes[slot].nlink.saturating_sub(1);
-            self.clear_children(slot);
+        let mut pending = vec![dir];
+        while let Some(dir) = pending.pop() {
+            let children = match &mut self.nodes[dir].kind {
+                BuildKind::Dir(children) => std::mem::take(children),
+                BuildKind::Leaf(_) => continue,
+            };
+            for (_, slot) in children {
+                self.nodes[slot].nlink = self.nodes[slot].nlink.saturating_sub(1);
+                pending.push(slot);
+            }
         }
     }
 

@@ -442,3 +442,53 @@ fn posix_details_found_by_pjdfstest() {
         1_049_522_828
     );
 }
+
+/// A 1,500-level directory chain (hostile or not): whiteouts of it, copy-up
+/// through it and renaming it work without exhausting a thread's stack.
+#[test]
+fn deep_directory_chains_do_not_recurse_per_level() {
+    let reg = Registry::start(RegistryOptions::default());
+    let reference = push(&reg, "deep", "deep:latest", Compress::Gzip);
+    let work = tempfile::tempdir().expect("tempdir");
+    let upper = work.path().join("upper");
+    let mount = writable(&reference, &upper, &work.path().join("cache"));
+    let levels = 1500;
+    let bottom_dir = format!("top{}", "/d".repeat(levels));
+    assert!(
+        !mount.path().join("gone/x").exists(),
+        "the whited-out chain is still visible"
+    );
+    // The kernel takes at most PATH_MAX per call: walk down in pieces.
+    let mut dir = fs::File::open(mount.path()).expect("open root");
+    for piece in bottom_dir.as_bytes().chunks(2000) {
+        let piece = std::str::from_utf8(piece).expect("ascii").trim_matches('/');
+        let fd = rustix::fs::openat(
+            &dir,
+            piece,
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .expect("walk down the chain");
+        dir = fs::File::from(fd);
+    }
+    let fd = rustix::fs::openat(
+        &dir,
+        "bottom",
+        OFlags::WRONLY | OFlags::APPEND,
+        Mode::empty(),
+    )
+    .expect("open the bottom file for writing (copy-up of 1,500 parents)");
+    let mut file = fs::File::from(fd);
+    file.write_all(b"more\n").expect("append");
+    drop(file);
+    fs::rename(mount.path().join("top"), mount.path().join("moved"))
+        .expect("rename the chain (copy-up of the whole subtree)");
+    assert!(!mount.path().join("top").exists());
+    let out = run_ok(
+        Command::new("find")
+            .arg(mount.path().join("moved"))
+            .args(["-name", "bottom", "-exec", "cat", "{}", ";"]),
+        WALK_TIMEOUT,
+    );
+    assert_eq!(out.stdout, "at the bottom\nmore\n");
+}
