@@ -32,7 +32,12 @@ use std::time::Duration;
         `host:port/repo:tag` and `repo@sha256:...` work as expected. The first mount of a layer \
         scans it once (verifying its digest) to build an index kept in the cache; after that, \
         only the byte ranges that are read are fetched, verified and cached.\n\n\
-        Examples:\n  imgfs mount alpine /mnt/a\n  ls /mnt/a; chroot /mnt/a /bin/sh\n  imgfs umount /mnt/a\n  \
+        Examples:\n  imgfs mount alpine /mnt/a                      # writable; changes vanish at umount\n  \
+        chroot /mnt/a /bin/sh\n  imgfs diff /mnt/a                              # what changed, like docker diff\n  \
+        imgfs umount /mnt/a\n  \
+        imgfs mount --upper ~/work/d debian:bookworm /mnt/d   # keep changes across mounts\n  \
+        imgfs mount --read-only --platform linux/arm64 alpine /mnt/arm\n  \
+        imgfs pull alpine; imgfs ps; imgfs images\n  \
         imgfs inspect --json 127.0.0.1:5000/team/app:v2",
     after_help = "Credentials come from $DOCKER_CONFIG/config.json or ~/.docker/config.json (docker login). \
         Set RUST_LOG or use -v for logs. Exit codes: 0 success, 1 failure, 2 usage error."
