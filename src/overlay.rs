@@ -68,7 +68,8 @@ struct Inode {
     names: Vec<(Ino, Vec<u8>)>,
     /// For a directory: the image directory merged under it (none when the
     /// upper one is opaque or new). For anything else: the image entry it
-    /// comes from, while it is not copied up.
+    /// comes from (kept after copy-up for handles opened before it; `upper`
+    /// says which side answers).
     lower: Option<Ino>,
     /// Present in the upper directory.
     upper: bool,
@@ -196,7 +197,10 @@ impl OverlayFs {
     /// Records that `ino` is known as `name` in `parent` (most recent last).
     fn add_name(state: &mut State, ino: Ino, fresh: Inode, parent: Ino, name: &[u8]) {
         let inode = state.inodes.entry(ino).or_insert(fresh.clone());
-        inode.lower = fresh.lower;
+        // A copied-up file keeps its image origin for handles opened before.
+        if fresh.kind == FileKind::Dir || fresh.lower.is_some() {
+            inode.lower = fresh.lower;
+        }
         inode.upper = fresh.upper;
         inode.kind = fresh.kind;
         inode.names.retain(|(p, n)| !(*p == parent && n == name));
@@ -692,10 +696,9 @@ impl OverlayFs {
             state.by_upper.insert(stat.st_ino, ino);
         }
         if let Some(entry) = state.inodes.get_mut(&ino) {
+            // `lower` stays: a file opened from the image before the copy-up
+            // goes on reading the image's bytes, as with kernel overlayfs.
             entry.upper = true;
-            if entry.kind != FileKind::Dir {
-                entry.lower = None;
-            }
         }
         drop(state);
         if inode.kind != FileKind::Dir && self.lower_node(lower)?.nlink > 1 {

@@ -492,3 +492,31 @@ fn deep_directory_chains_do_not_recurse_per_level() {
     );
     assert_eq!(out.stdout, "at the bottom\nmore\n");
 }
+
+/// A file opened from the image before another open copies it up keeps
+/// reading the image's bytes (as with kernel overlayfs), never EIO.
+#[test]
+fn a_handle_opened_before_copy_up_keeps_reading_the_image() {
+    let reg = Registry::start(RegistryOptions::default());
+    let reference = push(&reg, "busybox", "busybox:handles", Compress::None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let mount = writable(
+        &reference,
+        &work.path().join("upper"),
+        &work.path().join("cache"),
+    );
+    let path = mount.path().join("etc/passwd");
+    let before = fs::read(&path).expect("read");
+    let reader = fs::File::open(&path).expect("open for reading");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b"appended:x:9:9::/:/bin/sh\n"))
+        .expect("append (copy-up)");
+    let mut old = vec![0u8; before.len()];
+    std::os::unix::fs::FileExt::read_exact_at(&reader, &mut old, 0)
+        .expect("the earlier handle still reads");
+    assert_eq!(old, before);
+    let now = fs::read(&path).expect("read again");
+    assert!(now.ends_with(b"appended:x:9:9::/:/bin/sh\n"));
+}
