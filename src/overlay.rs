@@ -365,6 +365,10 @@ impl OverlayFs {
     }
 
     fn getattr_locked(&self, ino: Ino) -> Result<Attr, Errno> {
+        if self.upper.is_none() {
+            // Read-only: inode numbers are the tree's own (see `inode`).
+            return self.lower.getattr(ino);
+        }
         let inode = self.inode(ino)?;
         if inode.upper && inode.names.is_empty() {
             return self.getattr_unlinked(ino);
@@ -601,10 +605,12 @@ impl OverlayFs {
 
     pub fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         if fh == 0 {
-            let inode = self.inode(ino)?;
-            return self
-                .lower
-                .read(inode.lower.ok_or(Errno::EIO)?, offset, size);
+            // Read-only inode numbers are the tree's own; no record to consult.
+            let lower = match self.upper {
+                None => ino,
+                Some(_) => self.inode(ino)?.lower.ok_or(Errno::EIO)?,
+            };
+            return self.lower.read(lower, offset, size);
         }
         let file = self.file(fh)?;
         let mut buf = vec![0u8; size as usize];
