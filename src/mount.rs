@@ -11,7 +11,7 @@ use crate::digest::Digest;
 use crate::fs::ImageFs;
 use crate::image::{self, ImageError, LayerDescriptor, Platform, ResolvedImage};
 use crate::layer::{
-    self, Access, BlobSource, Compression, Index, IndexOptions, LayerError, LayerReader,
+    self, Access, BlobSource, Compression, Index, IndexOptions, LayerError, LayerReader, toc,
 };
 use crate::reference::Reference;
 use crate::registry::{Client, RegistryError};
@@ -123,6 +123,9 @@ async fn layer_index(
     if let Some(index) = cache.load_index(&digest)? {
         return Ok(Arc::new(index));
     }
+    if let Some(index) = toc_index(client, cache, reference, layer).await? {
+        return Ok(Arc::new(index));
+    }
     let lock = {
         let cache = cache.clone();
         tokio::task::spawn_blocking(move || cache.lock_layer(&digest))
@@ -167,6 +170,52 @@ async fn layer_index(
     }
     drop(lock);
     Ok(Arc::new(result?))
+}
+
+/// The index of a seekable layer (eStargz, zstd:chunked) from its TOC alone,
+/// stored in the cache. `None` for other layers and when the TOC cannot be
+/// used: then the layer is indexed by a full pass, with a warning saying why.
+async fn toc_index(
+    client: &Client,
+    cache: &Cache,
+    reference: &Reference,
+    layer: &LayerDescriptor,
+) -> Result<Option<Index>, MountError> {
+    let digest = layer.blob.digest;
+    let plan = match toc::Plan::from_annotations(&layer.annotations, layer.compression) {
+        None => return Ok(None),
+        Some(Ok(plan)) => plan,
+        Some(Err(e)) => {
+            tracing::warn!("layer {digest}: {e}; indexing the whole layer instead");
+            return Ok(None);
+        }
+    };
+    let (client, reference, blob) = (client.clone(), reference.clone(), layer.blob.clone());
+    let runtime = Handle::current();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let fetch = |start, end| {
+            runtime
+                .block_on(client.blob_range(&reference, &blob, start, end))
+                .map(|bytes| bytes.to_vec())
+                .map_err(|e| e.to_string())
+        };
+        toc::load(&plan, blob.digest, blob.size, &fetch).map_err(|e| (plan.format(), e))
+    })
+    .await
+    .map_err(|e| MountError::Internal(e.to_string()))?;
+    match loaded {
+        Ok(index) => {
+            cache.store_index(&index)?;
+            Ok(Some(index))
+        }
+        Err((format, e)) => {
+            tracing::warn!(
+                "layer {digest}: {} TOC unusable ({e}); indexing the whole layer instead",
+                format.name()
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// The blocking half of indexing: build, keep the spill for zstd, persist.
@@ -339,7 +388,13 @@ pub struct Network {
 }
 
 /// The layers of a mount whose bytes come from the network, for prefetching.
-pub struct RemoteLayers(Vec<Arc<BlockSource>>);
+pub struct RemoteLayers(Vec<RemoteLayer>);
+
+struct RemoteLayer {
+    source: Arc<BlockSource>,
+    /// End of the prioritized files (eStargz landmark), 0 when none.
+    landmark_end: u64,
+}
 
 /// Builds the filesystem for a prepared image: the union tree and one
 /// reader per layer over the cache and the registry; also hands back the
@@ -357,7 +412,14 @@ pub fn filesystem(
     let mut remote = Vec::new();
     for (index, layer) in indexes.into_iter().zip(&prepared.image.layers) {
         let (source, block_source) = layer_source(prepared, cache, network, &index, layer)?;
-        remote.extend(block_source);
+        let landmark_end = match index.access {
+            Access::Chunked { prefetch_end, .. } => prefetch_end,
+            _ => 0,
+        };
+        remote.extend(block_source.map(|source| RemoteLayer {
+            source,
+            landmark_end,
+        }));
         readers.push(LayerReader::new(Arc::new(without_entries(index)), source));
     }
     Ok((ImageFs::new(tree, readers), RemoteLayers(remote)))
@@ -398,26 +460,28 @@ fn layer_source(
             .map_err(io_err("opening the decompressed layer in the cache"))?;
             (Arc::new(spill), None)
         }
-        Access::Tar | Access::Gzip { .. } => {
-            let fetcher = RegistryFetcher {
+        Access::Tar | Access::Gzip { .. } | Access::Chunked { .. } => {
+            let fetcher = Arc::new(RegistryFetcher {
                 client: network.client.clone(),
                 reference: prepared.image.reference.clone(),
                 layer: layer.clone(),
                 runtime: network.runtime.clone(),
                 timeout: network.read_timeout,
                 fetched: network.fetched.clone(),
-            };
-            let source = Arc::new(
-                BlockSource::open(
-                    &cache.blob_path(&digest),
-                    index.blob_size,
-                    index.block_digests.clone(),
-                    Arc::new(fetcher),
-                )
-                .map_err(io_err("opening the block cache"))?
-                .with_fetch_locks(cache.fetch_lock_prefix(&digest))
-                .with_demand(network.demand.clone()),
-            );
+            });
+            // A chunked layer's cache file holds its verified chunks
+            // decompressed; the name is still the layer's, for pruning.
+            let path = cache.blob_path(&digest);
+            let source = match &index.access {
+                Access::Chunked { codec, chunks, .. } => {
+                    BlockSource::chunked(&path, *codec, chunks.clone(), index.stream_size, fetcher)
+                }
+                _ => BlockSource::open(&path, index.blob_size, index.block_digests.clone(), fetcher),
+            }
+            .map_err(io_err("opening the block cache"))?
+            .with_fetch_locks(cache.fetch_lock_prefix(&digest))
+            .with_demand(network.demand.clone());
+            let source = Arc::new(source);
             (source.clone(), Some(source))
         }
     })
@@ -475,16 +539,18 @@ fn warm_layer(
         return Ok(());
     }
     let (source, _) = layer_source(prepared, cache, network, index, layer)?;
+    let size = index.source_size();
+    bar.set_length(size);
     let mut offset = 0;
-    while offset < index.blob_size {
-        let len = WARM_CHUNK.min(index.blob_size - offset);
+    while offset < size {
+        let len = WARM_CHUNK.min(size - offset);
         source.read_at(offset, len as usize)?;
         offset += len;
         bar.set_position(offset);
     }
     if bar.is_hidden() {
         // No terminal: one plain line per layer instead of a bar.
-        eprintln!("fetched {} ({} bytes)", layer.blob.digest, index.blob_size);
+        eprintln!("fetched {} ({size} bytes)", layer.blob.digest);
     }
     Ok(())
 }
@@ -500,8 +566,8 @@ fn warm_bar(layer: &LayerDescriptor) -> ProgressBar {
 pub enum Prefetch {
     /// Only what is read.
     None,
-    /// The files an eStargz layer marks as needed at start; nothing for
-    /// other layers (and, until eStargz is supported, nothing at all).
+    /// The files an eStargz layer marks as needed at start (those before its
+    /// `.prefetch.landmark`); nothing for other layers.
     #[default]
     Landmark,
     /// Every block of every layer.
@@ -540,8 +606,19 @@ pub fn prefetch(
     rate: u64,
     demand: Arc<Demand>,
 ) -> Option<Prefetcher> {
-    // Landmarks come from eStargz layers, which are not supported yet.
-    if mode != Prefetch::All || layers.0.is_empty() {
+    let work: Vec<(Arc<BlockSource>, u64)> = layers
+        .0
+        .into_iter()
+        .filter_map(|layer| {
+            let end = match mode {
+                Prefetch::None => 0,
+                Prefetch::Landmark => layer.landmark_end,
+                Prefetch::All => layer.source.size(),
+            };
+            (end > 0).then_some((layer.source, end))
+        })
+        .collect();
+    if work.is_empty() {
         return None;
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -551,8 +628,8 @@ pub fn prefetch(
         .spawn(move || {
             lower_priority();
             let mut bucket = TokenBucket::new(rate);
-            for layer in &layers.0 {
-                if let Err(e) = prefetch_layer(layer, &mut bucket, &demand, &flag) {
+            for (layer, end) in &work {
+                if let Err(e) = prefetch_layer(layer, *end, &mut bucket, &demand, &flag) {
                     tracing::warn!(error = %e, "background prefetch stopped");
                     return;
                 }
@@ -565,14 +642,16 @@ pub fn prefetch(
     Some(Prefetcher { stop })
 }
 
+/// Prefetches `layer` from its start to `end`.
 fn prefetch_layer(
     layer: &BlockSource,
+    end: u64,
     bucket: &mut TokenBucket,
     demand: &Demand,
     stop: &AtomicBool,
 ) -> Result<(), layer::SourceError> {
     let mut offset = 0;
-    while offset < layer.blob_size() {
+    while offset < end {
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -583,7 +662,7 @@ fn prefetch_layer(
             }
             std::thread::sleep(wait.clamp(Duration::from_millis(1), PREFETCH_TICK));
         }
-        let len = PREFETCH_CHUNK.min(layer.blob_size() - offset);
+        let len = PREFETCH_CHUNK.min(end - offset);
         let before = layer.fetched_bytes();
         layer.prefetch(offset, len)?;
         // Blocks already cached cost nothing.

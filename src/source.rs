@@ -11,14 +11,23 @@
 //! per stripe of [`MAX_RUN_BLOCKS`] blocks and looks at the cache file again
 //! once it has the lock, so two mounts of one cold layer fetch each block once.
 //!
+//! The same machinery serves a seekable (eStargz, zstd:chunked) layer: its
+//! units are the chunks its TOC lists instead of fixed blocks, each fetched as
+//! a compressed range, decompressed, checked against the TOC's digest and kept
+//! *decompressed* in the cache file at its offset of the layer's chunk stream
+//! (see [`crate::layer::Access::Chunked`]). Neighbouring chunks go out in one
+//! Range request, and separate runs of one read go out in parallel.
+//!
 //! [`SpillSource`] does the same checks over a zstd layer's spilled stream.
 //!
 //! Background prefetching goes through the same path ([`BlockSource::prefetch`]);
 //! [`Demand`] tells it when on-demand reads are fetching so it can step aside.
 
-use crate::layer::{BLOCK_SIZE, BlobSource, SourceError};
+use crate::layer::{BLOCK_SIZE, BlobSource, Chunk, Codec, SourceError};
+use sha2::{Digest as _, Sha256};
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,6 +41,15 @@ const MAX_RUN_BLOCKS: u64 = 64;
 /// How long a reader waits for a block another reader is fetching before it
 /// gives up with an error (the fetch itself has its own, shorter, timeout).
 const WAIT_FOR_OTHERS: Duration = Duration::from_secs(300);
+/// Largest compressed run of chunks asked for in one Range request (a
+/// single bigger chunk still goes out alone).
+const MAX_RUN_BYTES: u64 = 8 << 20;
+/// Chunks whose compressed ranges are closer than this are fetched together:
+/// the gap (tar headers between files) costs less than a round trip.
+const COALESCE_GAP: u64 = 64 << 10;
+/// Piece size when hashing or decompressing a unit (bounds memory for
+/// multi-GiB single-chunk files).
+const IO_PIECE: usize = 1 << 20;
 
 /// Fetches bytes [start, end) of a blob from wherever it lives (the registry,
 /// a foreign URL). Implementations bound their own retries and time.
@@ -137,6 +155,164 @@ impl Blocks {
     }
 }
 
+/// What a [`BlockSource`] serves, unit by unit: fixed blocks of the blob
+/// itself, or the chunks of a seekable layer.
+enum Units {
+    Blocks(Blocks),
+    Chunks {
+        codec: Codec,
+        chunks: Vec<Chunk>,
+        size: u64,
+    },
+}
+
+impl Units {
+    fn size(&self) -> u64 {
+        match self {
+            Units::Blocks(b) => b.size,
+            Units::Chunks { size, .. } => *size,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        match self {
+            Units::Blocks(b) => b.count(),
+            Units::Chunks { chunks, .. } => chunks.len() as u64,
+        }
+    }
+
+    /// First and last unit covering `offset..offset + len`, and the clamped end.
+    fn range(&self, offset: u64, len: usize) -> Option<(u64, u64, u64)> {
+        let chunks = match self {
+            Units::Blocks(b) => return b.range(offset, len),
+            Units::Chunks { chunks, .. } => chunks,
+        };
+        let end = offset.saturating_add(len as u64).min(self.size());
+        if offset >= end {
+            return None;
+        }
+        let unit_at = |at: u64| chunks.partition_point(|c| c.stream_offset + c.len <= at) as u64;
+        Some((unit_at(offset), unit_at(end - 1), end))
+    }
+
+    /// Where the unit lies in the served address space.
+    fn bounds(&self, unit: u64) -> (u64, u64) {
+        match self {
+            Units::Blocks(b) => b.bounds(unit),
+            Units::Chunks { chunks, .. } => {
+                let c = &chunks[unit as usize];
+                (c.stream_offset, c.stream_offset + c.len)
+            }
+        }
+    }
+
+    fn digest(&self, unit: u64) -> Option<&[u8; 32]> {
+        let unit = usize::try_from(unit).ok()?;
+        match self {
+            Units::Blocks(b) => b.digests.get(unit),
+            Units::Chunks { chunks, .. } => chunks.get(unit).map(|c| &c.digest),
+        }
+    }
+
+    /// The bytes to fetch for units `first..=last`.
+    fn fetch_range(&self, first: u64, last: u64) -> (u64, u64) {
+        match self {
+            Units::Blocks(b) => (b.bounds(first).0, b.bounds(last).1),
+            Units::Chunks { chunks, .. } => {
+                let run = &chunks[first as usize..=last as usize];
+                let start = run.iter().map(|c| c.blob_start).min().unwrap_or(0);
+                let end = run.iter().map(|c| c.blob_end).max().unwrap_or(0);
+                (start, end)
+            }
+        }
+    }
+
+    /// Whether `next` may join a run that starts with unit `first`: it is
+    /// the following unit, in the same lock stripe, and (for chunks) close
+    /// by in the blob without making the request too large.
+    fn joins(&self, first: u64, prev: u64, next: u64) -> bool {
+        if next != prev + 1 || next % MAX_RUN_BLOCKS == 0 {
+            return false;
+        }
+        match self {
+            Units::Blocks(_) => true,
+            Units::Chunks { chunks, .. } => {
+                let (p, n) = (&chunks[prev as usize], &chunks[next as usize]);
+                let start = chunks[first as usize].blob_start.min(n.blob_start);
+                n.blob_start >= p.blob_start
+                    && n.blob_start <= p.blob_end.saturating_add(COALESCE_GAP)
+                    && n.blob_end.saturating_sub(start) <= MAX_RUN_BYTES
+            }
+        }
+    }
+
+    /// Groups sorted unit numbers into runs fetched by one request each.
+    fn runs<'a>(&self, units: &'a [u64]) -> Vec<&'a [u64]> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for i in 1..=units.len() {
+            if i == units.len() || !self.joins(units[start], units[i - 1], units[i]) {
+                out.push(&units[start..i]);
+                start = i;
+            }
+        }
+        out
+    }
+}
+
+/// sha256 of `len` bytes of `file` at `offset`, read in pieces.
+fn hash_file_range(file: &File, offset: u64, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; IO_PIECE.min(len as usize)];
+    let mut done = 0;
+    while done < len {
+        let n = IO_PIECE.min((len - done) as usize);
+        file.read_exact_at(&mut buf[..n], offset + done)?;
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Decompresses a chunk out of its fetched compressed range into `file` at
+/// its stream offset, checking its digest; at most `inner + len` bytes are
+/// ever inflated, so a lying TOC cannot make this a decompression bomb.
+fn land_chunk(file: &File, codec: Codec, chunk: &Chunk, compressed: &[u8]) -> Result<(), String> {
+    let mut decoder: Box<dyn Read + '_> = match codec {
+        Codec::Gzip => Box::new(flate2::read::GzDecoder::new(compressed)),
+        Codec::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(compressed)
+                .map_err(|e| format!("zstd: {e}"))?
+                .single_frame(),
+        ),
+    };
+    std::io::copy(&mut (&mut decoder).take(chunk.inner), &mut std::io::sink())
+        .map_err(|e| format!("decompressing: {e}"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; IO_PIECE.min(chunk.len as usize)];
+    let mut done = 0u64;
+    while done < chunk.len {
+        let want = IO_PIECE.min((chunk.len - done) as usize);
+        let n = decoder
+            .read(&mut buf[..want])
+            .map_err(|e| format!("decompressing: {e}"))?;
+        if n == 0 {
+            return Err(format!("decompresses to {done} of {} bytes", chunk.len));
+        }
+        hasher.update(&buf[..n]);
+        // A failed cache write is caught by the digest check on the next read.
+        if let Err(e) = file.write_all_at(&buf[..n], chunk.stream_offset + done) {
+            tracing::warn!(error = %e, "could not write a fetched chunk to the cache");
+        }
+        done += n as u64;
+    }
+    let actual: [u8; 32] = hasher.finalize().into();
+    if actual != chunk.digest {
+        return Err("does not match the chunk digest in the verified TOC".into());
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct State {
     verified: Vec<bool>,
@@ -145,7 +321,7 @@ struct State {
 
 /// See the module doc.
 pub struct BlockSource {
-    blocks: Blocks,
+    units: Units,
     file: File,
     fetcher: Arc<dyn RangeFetcher>,
     state: Mutex<State>,
@@ -164,22 +340,47 @@ impl BlockSource {
         digests: Vec<[u8; 32]>,
         fetcher: Arc<dyn RangeFetcher>,
     ) -> std::io::Result<BlockSource> {
+        let units = Units::Blocks(Blocks {
+            digests,
+            size: blob_size,
+        });
+        Self::with_units(cache_file, units, fetcher)
+    }
+
+    /// A source over a seekable layer's chunks: serves the chunk stream, and
+    /// keeps verified chunks decompressed in `cache_file`.
+    pub fn chunked(
+        cache_file: &Path,
+        codec: Codec,
+        chunks: Vec<Chunk>,
+        stream_size: u64,
+        fetcher: Arc<dyn RangeFetcher>,
+    ) -> std::io::Result<BlockSource> {
+        let units = Units::Chunks {
+            codec,
+            chunks,
+            size: stream_size,
+        };
+        Self::with_units(cache_file, units, fetcher)
+    }
+
+    fn with_units(
+        cache_file: &Path,
+        units: Units,
+        fetcher: Arc<dyn RangeFetcher>,
+    ) -> std::io::Result<BlockSource> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(cache_file)?;
-        let blocks = Blocks {
-            digests,
-            size: blob_size,
-        };
         let state = State {
-            verified: vec![false; usize::try_from(blocks.count()).unwrap_or(0)],
+            verified: vec![false; usize::try_from(units.count()).unwrap_or(0)],
             in_flight: HashSet::new(),
         };
         Ok(BlockSource {
-            blocks,
+            units,
             file,
             fetcher,
             state: Mutex::new(state),
@@ -196,16 +397,16 @@ impl BlockSource {
         self
     }
 
-    /// Size of the blob in bytes.
-    pub fn blob_size(&self) -> u64 {
-        self.blocks.size
+    /// Size of what this source serves: the blob, or a chunked layer's stream.
+    pub fn size(&self) -> u64 {
+        self.units.size()
     }
 
     /// Makes the blocks covering `offset..offset + len` verified in the
     /// cache without reading them out, and without counting as demand.
     pub fn prefetch(&self, offset: u64, len: u64) -> Result<(), SourceError> {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
-        match self.blocks.range(offset, len) {
+        match self.units.range(offset, len) {
             Some((first, last, _)) => self.ensure(first, last, Why::Prefetch),
             None => Ok(()),
         }
@@ -292,27 +493,44 @@ impl BlockSource {
         Ok(())
     }
 
-    /// Checks the claimed blocks already on disk; fetches the rest in runs.
+    /// Checks the claimed units already on disk; fetches the rest in runs,
+    /// several runs at once.
     fn fill(&self, claimed: &[u64], why: Why) -> Result<(), SourceError> {
         let missing: Vec<u64> = claimed
             .iter()
             .copied()
-            .filter(|&block| !self.on_disk(block))
+            .filter(|&unit| !self.on_disk(unit))
             .collect();
-        for run in runs(&missing) {
-            let stripe = self.lock_stripe(run[0]);
-            // Another process may have fetched these while we waited.
-            let still: Vec<u64> = match stripe {
-                Some(_) => run.iter().copied().filter(|&b| !self.on_disk(b)).collect(),
-                None => run.to_vec(),
+        let runs = self.units.runs(&missing);
+        if runs.len() <= 1 {
+            return runs.iter().try_for_each(|run| self.fill_run(run, why));
+        }
+        std::thread::scope(|scope| {
+            let jobs: Vec<_> = runs
+                .iter()
+                .map(|run| scope.spawn(move || self.fill_run(run, why)))
+                .collect();
+            jobs.into_iter().try_for_each(|job| {
+                job.join()
+                    .unwrap_or_else(|_| Err(SourceError("a fetching thread panicked".into())))
+            })
+        })
+    }
+
+    /// Fetches one run under its stripe's cross-process lock.
+    fn fill_run(&self, run: &[u64], why: Why) -> Result<(), SourceError> {
+        let stripe = self.lock_stripe(run[0]);
+        // Another process may have fetched these while we waited.
+        let still: Vec<u64> = match stripe {
+            Some(_) => run.iter().copied().filter(|&u| !self.on_disk(u)).collect(),
+            None => run.to_vec(),
+        };
+        for part in self.units.runs(&still) {
+            let _demand = match (&self.demand, why) {
+                (Some(demand), Why::Read) => Some(demand.begin()),
+                _ => None,
             };
-            for part in runs(&still) {
-                let _demand = match (&self.demand, why) {
-                    (Some(demand), Why::Read) => Some(demand.begin()),
-                    _ => None,
-                };
-                self.fetch_run(part[0], part[part.len() - 1])?;
-            }
+            self.fetch_run(part[0], part[part.len() - 1])?;
         }
         Ok(())
     }
@@ -337,15 +555,14 @@ impl BlockSource {
         Some(file)
     }
 
-    fn on_disk(&self, block: u64) -> bool {
-        let (start, end) = self.blocks.bounds(block);
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.file.read_exact_at(&mut buf, start).is_ok() && self.blocks.check(block, &buf)
+    fn on_disk(&self, unit: u64) -> bool {
+        let (start, end) = self.units.bounds(unit);
+        let hashed = hash_file_range(&self.file, start, end - start);
+        matches!((hashed, self.units.digest(unit)), (Ok(h), Some(want)) if h == *want)
     }
 
     fn fetch_run(&self, first: u64, last: u64) -> Result<(), SourceError> {
-        let (start, _) = self.blocks.bounds(first);
-        let (_, end) = self.blocks.bounds(last);
+        let (start, end) = self.units.fetch_range(first, last);
         let bytes = self.fetcher.fetch(start, end)?;
         if bytes.len() as u64 != end - start {
             return Err(SourceError(format!(
@@ -356,10 +573,16 @@ impl BlockSource {
         }
         self.fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let blocks = match &self.units {
+            Units::Blocks(blocks) => blocks,
+            Units::Chunks { codec, chunks, .. } => {
+                return self.land_chunks(*codec, &chunks[first as usize..=last as usize], start, &bytes);
+            }
+        };
         for block in first..=last {
-            let (b_start, b_end) = self.blocks.bounds(block);
+            let (b_start, b_end) = blocks.bounds(block);
             let slice = &bytes[(b_start - start) as usize..(b_end - start) as usize];
-            if !self.blocks.check(block, slice) {
+            if !blocks.check(block, slice) {
                 return Err(SourceError(format!(
                     "{}: bytes {b_start}-{b_end} do not match the digest recorded when the layer was indexed",
                     self.fetcher.describe()
@@ -374,9 +597,33 @@ impl BlockSource {
     }
 }
 
+impl BlockSource {
+    /// Decompresses and verifies each chunk of a fetched run into the cache.
+    fn land_chunks(
+        &self,
+        codec: Codec,
+        run: &[Chunk],
+        start: u64,
+        bytes: &[u8],
+    ) -> Result<(), SourceError> {
+        for chunk in run {
+            let compressed = &bytes[(chunk.blob_start - start) as usize..(chunk.blob_end - start) as usize];
+            land_chunk(&self.file, codec, chunk, compressed).map_err(|reason| {
+                SourceError(format!(
+                    "{}: chunk at bytes {}-{}: {reason}",
+                    self.fetcher.describe(),
+                    chunk.blob_start,
+                    chunk.blob_end
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
 impl BlobSource for BlockSource {
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
-        let Some((first, last, end)) = self.blocks.range(offset, len) else {
+        let Some((first, last, end)) = self.units.range(offset, len) else {
             return Ok(Vec::new());
         };
         self.ensure(first, last, Why::Read)?;
@@ -386,22 +633,6 @@ impl BlobSource for BlockSource {
             .map_err(|e| SourceError(format!("{}: cache read: {e}", self.fetcher.describe())))?;
         Ok(out)
     }
-}
-
-/// Groups sorted block numbers into runs of consecutive blocks, each at most
-/// [`MAX_RUN_BLOCKS`] long.
-fn runs(blocks: &[u64]) -> Vec<&[u64]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    for i in 1..=blocks.len() {
-        let breaks =
-            i == blocks.len() || blocks[i] != blocks[i - 1] + 1 || blocks[i] % MAX_RUN_BLOCKS == 0;
-        if breaks {
-            out.push(&blocks[start..i]);
-            start = i;
-        }
-    }
-    out
 }
 
 /// The decompressed stream of a zstd layer kept in the cache, verified block
@@ -640,11 +871,15 @@ mod tests {
     #[test]
     fn runs_split_on_gaps_and_length() {
         let blocks: Vec<u64> = (0..70).chain([100, 101, 103]).collect();
-        let lens: Vec<usize> = runs(&blocks).iter().map(|r| r.len()).collect();
+        let units = Units::Blocks(Blocks {
+            digests: Vec::new(),
+            size: 0,
+        });
+        let lens: Vec<usize> = units.runs(&blocks).iter().map(|r| r.len()).collect();
         assert_eq!(lens, [64, 6, 2, 1]);
         // Runs stop at stripe boundaries, wherever they start.
         let blocks: Vec<u64> = (60..200).collect();
-        let lens: Vec<usize> = runs(&blocks).iter().map(|r| r.len()).collect();
+        let lens: Vec<usize> = units.runs(&blocks).iter().map(|r| r.len()).collect();
         assert_eq!(lens, [4, 64, 64, 8]);
     }
 }

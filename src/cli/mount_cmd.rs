@@ -352,9 +352,30 @@ pub(crate) fn umount(mountpoint: &Path) -> Result<()> {
         .stderr(Stdio::null())
         .status();
     if !matches!(status, Ok(s) if s.success()) {
-        rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()).with_context(
-            || format!("unmounting {}: is it an imgfs mount?", mountpoint.display()),
-        )?;
+        match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
+            Ok(()) => {}
+            // Not a mount point: detached already (`umount -l` while files
+            // were open) if its daemon still runs; it ends at the last close.
+            Err(rustix::io::Errno::INVAL) => match daemon.filter(|&pid| running(pid)) {
+                Some(pid) => {
+                    eprintln!(
+                        "imgfs: {} is already unmounted; its mount process (pid {pid}) ends when the last file open in it is closed",
+                        mountpoint.display()
+                    );
+                    return Ok(());
+                }
+                None => bail!("{} is not mounted", mountpoint.display()),
+            },
+            Err(rustix::io::Errno::BUSY) => bail!(
+                "unmounting {}: busy (files are open in it); close them, or detach it now with umount -l (the mount then ends at the last close)",
+                mountpoint.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("unmounting {}: is it an imgfs mount?", mountpoint.display())
+                });
+            }
+        }
     }
     if let Some(pid) = daemon {
         wait_for_exit(pid, DAEMON_EXIT_WAIT);

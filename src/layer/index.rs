@@ -500,12 +500,13 @@ impl Index {
 
 /// Checks the invariants readers rely on, so a damaged index is rebuilt
 /// rather than read wrongly.
-fn validate(index: &Index) -> Result<(), String> {
+pub(crate) fn validate(index: &Index) -> Result<(), String> {
     let expected_blocks = match index.access {
-        Access::Spill => index.stream_size,
-        Access::Tar | Access::Gzip { .. } => index.blob_size,
-    }
-    .div_ceil(u64::from(BLOCK_SIZE));
+        Access::Chunked { .. } => 0,
+        Access::Spill | Access::Tar | Access::Gzip { .. } => {
+            index.source_size().div_ceil(u64::from(BLOCK_SIZE))
+        }
+    };
     if index.block_digests.len() as u64 != expected_blocks {
         return Err("block digest count does not match the size".into());
     }
@@ -523,6 +524,17 @@ fn validate(index: &Index) -> Result<(), String> {
             return Err("checkpoints out of order or out of range".into());
         }
     }
+    if let Access::Chunked {
+        chunks,
+        prefetch_end,
+        ..
+    } = &index.access
+    {
+        validate_chunks(chunks, index.stream_size, index.blob_size)?;
+        if *prefetch_end > index.stream_size {
+            return Err("the prefetch landmark lies outside the stream".into());
+        }
+    }
     for entry in &index.entries {
         if let crate::layer::EntryKind::File { size, data } = &entry.kind {
             if !file_data_in_range(*size, data, index.stream_size) {
@@ -532,6 +544,32 @@ fn validate(index: &Index) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Chunks tile the stream in order, and each one's compressed range lies
+/// inside the blob.
+fn validate_chunks(
+    chunks: &[crate::layer::Chunk],
+    stream_size: u64,
+    blob_size: u64,
+) -> Result<(), String> {
+    let mut next = 0u64;
+    for chunk in chunks {
+        let in_blob = chunk.blob_start < chunk.blob_end && chunk.blob_end <= blob_size;
+        if chunk.stream_offset != next || chunk.len == 0 || !in_blob {
+            return Err(format!(
+                "chunk at stream offset {} is out of order or out of range",
+                chunk.stream_offset
+            ));
+        }
+        next = next
+            .checked_add(chunk.len)
+            .ok_or("chunk lengths overflow")?;
+    }
+    if next != stream_size {
+        return Err("chunks do not add up to the stream size".into());
     }
     Ok(())
 }

@@ -12,6 +12,11 @@
 //! | tar | `Tar` | stream offset = blob offset |
 //! | tar+gzip | `Gzip` | zran checkpoint at or before the offset, inflate the span |
 //! | tar+zstd | `Spill` | the decompressed stream was kept in the cache during the pass |
+//! | eStargz, zstd:chunked | `Chunked` | no pass: the layer's own table of contents ([`toc`]) |
+//!
+//! A `Chunked` layer's "stream" is not the tar stream but a virtual one: the
+//! verified file chunks the TOC lists, laid end to end in TOC order, each
+//! fetched by Range from its own gzip member or zstd frame.
 //!
 //! This module knows nothing of other layers (see `union`), of FUSE, or of the
 //! network: bytes come in through [`std::io::Read`] while indexing and through
@@ -23,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub mod index;
 pub mod reader;
 pub mod tar;
+pub mod toc;
 pub mod zran;
 
 pub use index::{IndexOptions, build_index};
@@ -72,6 +78,53 @@ pub enum Access {
     Gzip { checkpoints: Vec<Checkpoint> },
     /// The decompressed stream is kept in the cache (single-frame zstd).
     Spill,
+    /// Seekable layer read through its table of contents: stream offsets are
+    /// offsets in the chunks laid end to end, sorted by `stream_offset`.
+    Chunked {
+        codec: Codec,
+        chunks: Vec<Chunk>,
+        /// Stream offset where the prioritized files (those before an
+        /// eStargz `.prefetch.landmark`) end; 0 when none are marked.
+        prefetch_end: u64,
+    },
+}
+
+impl Index {
+    /// Size of the address space a [`BlobSource`] serves for this layer:
+    /// the blob itself, or the stream for spilled and chunked layers.
+    pub fn source_size(&self) -> u64 {
+        match self.access {
+            Access::Tar | Access::Gzip { .. } => self.blob_size,
+            Access::Spill | Access::Chunked { .. } => self.stream_size,
+        }
+    }
+}
+
+/// How each chunk of a `Chunked` layer is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    /// Each chunk starts a gzip member (eStargz).
+    Gzip,
+    /// Each chunk starts a zstd frame (zstd:chunked).
+    Zstd,
+}
+
+/// One independently fetched and verified piece of file data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Where the chunk lies in the layer's virtual stream.
+    pub stream_offset: u64,
+    /// Uncompressed length.
+    pub len: u64,
+    /// Compressed bytes to fetch: `[blob_start, blob_end)` starts a gzip
+    /// member or zstd frame and decompresses to at least `inner + len` bytes.
+    pub blob_start: u64,
+    pub blob_end: u64,
+    /// Offset of the chunk in what the range decompresses to (eStargz
+    /// `innerOffset`: several small files sharing one member).
+    pub inner: u64,
+    /// sha256 of the chunk's uncompressed bytes, from the verified TOC.
+    pub digest: [u8; 32],
 }
 
 /// A point where inflation can resume (zlib's `examples/zran.c`).

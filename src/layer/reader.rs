@@ -111,7 +111,7 @@ impl LayerReader {
     /// Exactly `len` bytes of the uncompressed stream at `offset`.
     fn read_stream(&self, offset: u64, len: usize) -> Result<Vec<u8>, LayerError> {
         let bytes = match &self.index.access {
-            Access::Tar | Access::Spill => self
+            Access::Tar | Access::Spill | Access::Chunked { .. } => self
                 .source
                 .read_at(offset, len)
                 .map_err(|e| self.source_error(e))?,
