@@ -476,7 +476,9 @@ fn layer_source(
                 Access::Chunked { codec, chunks, .. } => {
                     BlockSource::chunked(&path, *codec, chunks.clone(), index.stream_size, fetcher)
                 }
-                _ => BlockSource::open(&path, index.blob_size, index.block_digests.clone(), fetcher),
+                _ => {
+                    BlockSource::open(&path, index.blob_size, index.block_digests.clone(), fetcher)
+                }
             }
             .map_err(io_err("opening the block cache"))?
             .with_fetch_locks(cache.fetch_lock_prefix(&digest))
@@ -806,7 +808,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut bucket = TokenBucket::new(0);
-        prefetch_layer(&source, &mut bucket, &demand, &AtomicBool::new(false)).expect("prefetch");
+        prefetch_layer(
+            &source,
+            source.size(),
+            &mut bucket,
+            &demand,
+            &AtomicBool::new(false),
+        )
+        .expect("prefetch");
         reader.join().expect("reader").expect("read");
         let log = blob.log.lock().expect("log").clone();
         let (_, _, read_end) = log.iter().find(|r| r.0 == 0).copied().expect("the read");

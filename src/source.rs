@@ -576,7 +576,12 @@ impl BlockSource {
         let blocks = match &self.units {
             Units::Blocks(blocks) => blocks,
             Units::Chunks { codec, chunks, .. } => {
-                return self.land_chunks(*codec, &chunks[first as usize..=last as usize], start, &bytes);
+                return self.land_chunks(
+                    *codec,
+                    &chunks[first as usize..=last as usize],
+                    start,
+                    &bytes,
+                );
             }
         };
         for block in first..=last {
@@ -607,7 +612,8 @@ impl BlockSource {
         bytes: &[u8],
     ) -> Result<(), SourceError> {
         for chunk in run {
-            let compressed = &bytes[(chunk.blob_start - start) as usize..(chunk.blob_end - start) as usize];
+            let compressed =
+                &bytes[(chunk.blob_start - start) as usize..(chunk.blob_end - start) as usize];
             land_chunk(&self.file, codec, chunk, compressed).map_err(|reason| {
                 SourceError(format!(
                     "{}: chunk at bytes {}-{}: {reason}",

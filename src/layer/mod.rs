@@ -29,6 +29,7 @@ pub mod index;
 pub mod reader;
 pub mod tar;
 pub mod toc;
+pub mod write;
 pub mod zran;
 
 pub use index::{IndexOptions, build_index};

@@ -236,6 +236,10 @@ pub struct TarParser {
     meta: Vec<u8>,
     pending: Pending,
     entries: Vec<Entry>,
+    /// Stream offset where each entry's raw bytes end (after its padded
+    /// data); entry `k`'s raw bytes, extension headers included, are
+    /// `ends[k-1]..ends[k]`. Kept for layer rewriting.
+    ends: Vec<u64>,
 }
 
 impl Default for TarParser {
@@ -254,6 +258,7 @@ impl TarParser {
             meta: Vec::new(),
             pending: Pending::default(),
             entries: Vec::new(),
+            ends: Vec::new(),
         }
     }
 
@@ -268,8 +273,22 @@ impl TarParser {
             let used = self.step(data)?;
             data = &data[used..];
             self.pos += used as u64;
+            let between = matches!(self.state, State::Header | State::ZeroSeen | State::End);
+            if between && self.block_len == 0 && self.ends.len() < self.entries.len() {
+                self.ends.push(self.pos);
+            }
         }
         Ok(())
+    }
+
+    /// [`Self::finish`], also giving where each entry's raw bytes end.
+    pub fn finish_with_ends(mut self) -> Result<(Vec<Entry>, Vec<u64>), TarError> {
+        let ends = std::mem::take(&mut self.ends);
+        let entries = self.finish()?;
+        if ends.len() != entries.len() {
+            return Err(invalid(0, "entry boundaries were lost"));
+        }
+        Ok((entries, ends))
     }
 
     /// Ends the stream: it must end between entries.

@@ -159,7 +159,10 @@ impl Plan {
         match compression {
             Compression::Gzip => {
                 let value = annotations.get(ESTARGZ_TOC_DIGEST)?;
-                Some(annotation_digest(ESTARGZ_TOC_DIGEST, value).map(|toc_digest| Plan::Estargz { toc_digest }))
+                Some(
+                    annotation_digest(ESTARGZ_TOC_DIGEST, value)
+                        .map(|toc_digest| Plan::Estargz { toc_digest }),
+                )
             }
             Compression::Zstd => {
                 let (key, value) = first_annotation(annotations, &ZSTD_CHUNKED_CHECKSUM)?;
@@ -199,12 +202,14 @@ fn zstd_plan(
 ) -> Result<Plan, TocError> {
     let checksum = annotation_digest(key, value)?;
     let position = match first_annotation(annotations, &ZSTD_CHUNKED_POSITION) {
-        Some((key, value)) => Some(parse_position(value).map_err(|reason| {
-            TocError::Annotation {
-                key: key.to_string(),
-                reason,
-            }
-        })?),
+        Some((key, value)) => {
+            Some(
+                parse_position(value).map_err(|reason| TocError::Annotation {
+                    key: key.to_string(),
+                    reason,
+                })?,
+            )
+        }
         None => None,
     };
     Ok(Plan::ZstdChunked { checksum, position })
@@ -214,7 +219,9 @@ fn zstd_plan(
 pub fn parse_position(value: &str) -> Result<Position, String> {
     let fields: Vec<&str> = value.split(':').collect();
     let [offset, len, uncompressed_len, kind] = fields[..] else {
-        return Err(format!("{value:?} is not offset:length:uncompressed_length:type"));
+        return Err(format!(
+            "{value:?} is not offset:length:uncompressed_length:type"
+        ));
     };
     let num = |s: &str| {
         s.parse::<u64>()
@@ -233,16 +240,27 @@ pub fn parse_position(value: &str) -> Result<Position, String> {
 /// The TOC offset from the last bytes of an eStargz (or stargz) blob.
 /// Returns the offset and the footer's length.
 pub fn parse_estargz_footer(tail: &[u8]) -> Result<(u64, usize), TocError> {
-    if let Some(footer) = tail.len().checked_sub(ESTARGZ_FOOTER_LEN).map(|at| &tail[at..]) {
+    if let Some(footer) = tail
+        .len()
+        .checked_sub(ESTARGZ_FOOTER_LEN)
+        .map(|at| &tail[at..])
+    {
         // XLEN (26) then the subfield header: SI1 SI2 LEN(22).
         let extra = &footer[GZIP_FIXED_HEADER + 2..];
         if gzip_with_extra(footer) && &extra[..2] == ESTARGZ_SUBFIELD {
             return Ok((stargz_offset(&extra[4..])?, ESTARGZ_FOOTER_LEN));
         }
     }
-    if let Some(footer) = tail.len().checked_sub(LEGACY_FOOTER_LEN).map(|at| &tail[at..]) {
+    if let Some(footer) = tail
+        .len()
+        .checked_sub(LEGACY_FOOTER_LEN)
+        .map(|at| &tail[at..])
+    {
         if gzip_with_extra(footer) {
-            return Ok((stargz_offset(&footer[GZIP_FIXED_HEADER + 2..])?, LEGACY_FOOTER_LEN));
+            return Ok((
+                stargz_offset(&footer[GZIP_FIXED_HEADER + 2..])?,
+                LEGACY_FOOTER_LEN,
+            ));
         }
     }
     Err(TocError::Footer(
@@ -260,11 +278,14 @@ fn gzip_with_extra(footer: &[u8]) -> bool {
 fn stargz_offset(payload: &[u8]) -> Result<u64, TocError> {
     let end = TOC_OFFSET_HEX_DIGITS + STARGZ_MAGIC.len();
     if payload.len() < end || &payload[TOC_OFFSET_HEX_DIGITS..end] != STARGZ_MAGIC {
-        return Err(TocError::Footer("the gzip extra field is not %016xSTARGZ".into()));
+        return Err(TocError::Footer(
+            "the gzip extra field is not %016xSTARGZ".into(),
+        ));
     }
     let hex = std::str::from_utf8(&payload[..TOC_OFFSET_HEX_DIGITS])
         .map_err(|_| TocError::Footer("TOC offset is not hex".into()))?;
-    u64::from_str_radix(hex, 16).map_err(|_| TocError::Footer(format!("TOC offset {hex:?} is not hex")))
+    u64::from_str_radix(hex, 16)
+        .map_err(|_| TocError::Footer(format!("TOC offset {hex:?} is not hex")))
 }
 
 /// The manifest position from the last bytes of a zstd:chunked blob.
@@ -299,7 +320,9 @@ pub fn parse_zstd_footer(tail: &[u8]) -> Result<Position, TocError> {
             uncompressed_len: field(2),
         });
     }
-    Err(TocError::Footer("no zstd:chunked footer at the end of the blob".into()))
+    Err(TocError::Footer(
+        "no zstd:chunked footer at the end of the blob".into(),
+    ))
 }
 
 /// The JSON table of contents, as both formats write it.
@@ -370,7 +393,10 @@ const CHUNK_TYPE_ZEROS: &str = "zeros";
 pub fn parse_toc(json: &[u8]) -> Result<Toc, TocError> {
     let toc: Toc = serde_json::from_slice(json).map_err(|e| invalid(format!("bad JSON: {e}")))?;
     if toc.version != 1 {
-        return Err(invalid(format!("version {} (only 1 is defined)", toc.version)));
+        return Err(invalid(format!(
+            "version {} (only 1 is defined)",
+            toc.version
+        )));
     }
     Ok(toc)
 }
@@ -381,7 +407,12 @@ pub type FetchFn<'a> = dyn Fn(u64, u64) -> Result<Vec<u8>, String> + 'a;
 /// Fetches, verifies and parses the TOC the plan describes, and builds the
 /// layer's index from it. Every failure is an error the caller reports
 /// before indexing the layer the legacy way.
-pub fn load(plan: &Plan, layer: Digest, blob_size: u64, fetch: &FetchFn) -> Result<Index, TocError> {
+pub fn load(
+    plan: &Plan,
+    layer: Digest,
+    blob_size: u64,
+    fetch: &FetchFn,
+) -> Result<Index, TocError> {
     let get = |start: u64, end: u64| {
         if start > end || end > blob_size {
             return Err(TocError::Footer(format!(
@@ -419,7 +450,13 @@ pub fn load(plan: &Plan, layer: Digest, blob_size: u64, fetch: &FetchFn) -> Resu
                     actual,
                 });
             }
-            build(&parse_toc(&json)?, Codec::Gzip, layer, blob_size, toc_offset)
+            build(
+                &parse_toc(&json)?,
+                Codec::Gzip,
+                layer,
+                blob_size,
+                toc_offset,
+            )
         }
         Plan::ZstdChunked { checksum, position } => {
             let position = match position {
@@ -483,7 +520,9 @@ fn estargz_toc_json(member: &[u8]) -> Result<Vec<u8>, TocError> {
             return Ok(json);
         }
     }
-    Err(invalid(format!("no {TOC_TAR_NAME} entry at the TOC offset")))
+    Err(invalid(format!(
+        "no {TOC_TAR_NAME} entry at the TOC offset"
+    )))
 }
 
 fn bounded_zstd(compressed: &[u8], expected: u64) -> Result<Vec<u8>, TocError> {
@@ -618,8 +657,18 @@ impl Builder {
                 minor: device(first.dev_minor)?,
             },
             "fifo" => EntryKind::Fifo,
-            "chunk" => return Err(invalid(format!("chunk of {:?} without its file", first.name))),
-            other => return Err(invalid(format!("{:?} has unknown type {other:?}", first.name))),
+            "chunk" => {
+                return Err(invalid(format!(
+                    "chunk of {:?} without its file",
+                    first.name
+                )));
+            }
+            other => {
+                return Err(invalid(format!(
+                    "{:?} has unknown type {other:?}",
+                    first.name
+                )));
+            }
         };
         let (mtime, mtime_nsec) = modtime(first.modtime.as_deref())?;
         self.entries.push(Entry {
@@ -758,9 +807,8 @@ fn modtime(text: Option<&str>) -> Result<(i64, u32), TocError> {
     let Some(text) = text.filter(|t| !t.is_empty()) else {
         return Ok((0, 0));
     };
-    let time =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-            .map_err(|e| invalid(format!("modtime {text:?}: {e}")))?;
+    let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| invalid(format!("modtime {text:?}: {e}")))?;
     Ok((time.unix_timestamp(), time.nanosecond()))
 }
 
@@ -771,10 +819,14 @@ pub fn format_modtime(secs: i64, nsec: u32) -> Option<String> {
         .ok()?
         .replace_nanosecond(nsec)
         .ok()?;
-    time.format(&time::format_description::well_known::Rfc3339).ok()
+    time.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
-fn xattrs(entry: &TocEntry) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TocError> {
+/// Extended attributes as [`Entry::xattrs`] holds them.
+type XattrList = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn xattrs(entry: &TocEntry) -> Result<XattrList, TocError> {
     entry
         .xattrs
         .iter()
@@ -802,7 +854,10 @@ pub enum LayerFormat {
 
 impl LayerFormat {
     pub fn of(annotations: &BTreeMap<String, String>, compression: Compression) -> LayerFormat {
-        match (Plan::from_annotations(annotations, compression), compression) {
+        match (
+            Plan::from_annotations(annotations, compression),
+            compression,
+        ) {
             (Some(Ok(plan)), _) => match plan.format() {
                 TocFormat::Estargz => LayerFormat::Estargz,
                 TocFormat::ZstdChunked => LayerFormat::ZstdChunked,
