@@ -124,9 +124,11 @@ mod pax {
 }
 
 /// Why a tar stream was refused.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TarError {
+    #[error("at stream offset {offset}: {reason}")]
     Invalid { offset: u64, reason: String },
+    #[error("unsupported: {what}")]
     Unsupported { what: String },
 }
 

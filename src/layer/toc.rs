@@ -88,9 +88,6 @@ pub const ZSTD_CHUNKED_MANIFEST_TYPE: u64 = 1;
 /// Largest TOC accepted, compressed or not: a hostile descriptor or footer
 /// must not make a mount allocate without bound.
 pub const MAX_TOC_BYTES: u64 = 256 << 20;
-/// Bytes read from the end of an eStargz blob at first: the footer and, for
-/// most layers, the whole TOC in one round trip.
-pub const ESTARGZ_TAIL_GUESS: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TocError {
@@ -426,22 +423,17 @@ pub fn load(
     };
     match plan {
         Plan::Estargz { toc_digest } => {
-            let tail_start = blob_size.saturating_sub(ESTARGZ_TAIL_GUESS);
-            let tail = get(tail_start, blob_size)?;
-            let (toc_offset, footer_len) = parse_estargz_footer(&tail)?;
+            // Two exact requests (footer, then TOC) rather than a guessed
+            // tail: a mount moves no byte of file data.
+            let footer_start = blob_size.saturating_sub(ESTARGZ_FOOTER_LEN as u64);
+            let (toc_offset, footer_len) = parse_estargz_footer(&get(footer_start, blob_size)?)?;
             let toc_end = blob_size - footer_len as u64;
             if toc_offset >= toc_end {
                 return Err(TocError::Footer(format!(
                     "TOC offset {toc_offset} lies past the data ({toc_end} bytes)"
                 )));
             }
-            let member = if toc_offset >= tail_start {
-                tail[(toc_offset - tail_start) as usize..(toc_end - tail_start) as usize].to_vec()
-            } else {
-                let mut head = get(toc_offset, tail_start)?;
-                head.extend_from_slice(&tail[..(toc_end - tail_start) as usize]);
-                head
-            };
+            let member = get(toc_offset, toc_end)?;
             let json = estargz_toc_json(&member)?;
             let actual = Digest::of(&json);
             if actual != *toc_digest {
@@ -551,9 +543,8 @@ pub fn build(
     data_end: u64,
 ) -> Result<Index, TocError> {
     let mut builder = Builder {
-        codec,
         data_end,
-        member_starts: member_starts(toc, codec, data_end),
+        member_starts: member_starts(toc, data_end),
         entries: Vec::with_capacity(toc.entries.len()),
         chunks: Vec::new(),
         stream: 0,
@@ -594,11 +585,9 @@ pub fn build(
     Ok(index)
 }
 
-/// eStargz chunks run to the next gzip member; their starts, sorted.
-fn member_starts(toc: &Toc, codec: Codec, data_end: u64) -> Vec<u64> {
-    if codec != Codec::Gzip {
-        return Vec::new();
-    }
+/// Where members (gzip) or frames (zstd) holding file data start, sorted:
+/// a chunk without an explicit end runs to the next one.
+fn member_starts(toc: &Toc, data_end: u64) -> Vec<u64> {
     let mut starts: Vec<u64> = toc
         .entries
         .iter()
@@ -612,7 +601,6 @@ fn member_starts(toc: &Toc, codec: Codec, data_end: u64) -> Vec<u64> {
 }
 
 struct Builder {
-    codec: Codec,
     data_end: u64,
     member_starts: Vec<u64>,
     entries: Vec<Entry>,
@@ -627,7 +615,9 @@ impl Builder {
         let first = &parts[0];
         lossless(first)?;
         let path = normalize_path(first.name.as_bytes());
-        if self.codec == Codec::Gzip && first.kind == "reg" {
+        // Landmarks (eStargz's, also in stargz-snapshotter's zstd:chunked)
+        // steer prefetching and are not part of the image.
+        if first.kind == "reg" {
             if path == PREFETCH_LANDMARK.as_bytes() {
                 self.prefetch_end = self.stream;
                 return Ok(());
@@ -754,15 +744,18 @@ impl Builder {
             .parse()
             .map_err(|e| invalid(format!("{:?}: {e}", file.name)))?;
         let blob_start = part.offset;
-        let blob_end = match self.codec {
-            Codec::Zstd => match parts[k + 1..].iter().find(|p| p.offset > 0) {
-                Some(next) => next.offset,
-                None => file.end_offset,
-            },
-            Codec::Gzip => {
-                let at = self.member_starts.partition_point(|&s| s <= blob_start);
-                self.member_starts.get(at).copied().unwrap_or(0)
-            }
+        // containers/storage gives where a file's frames end (the next
+        // chunk's offset, or the file's endOffset); eStargz, and
+        // stargz-snapshotter's zstd:chunked, leave it to the next member.
+        let explicit = match parts[k + 1..].iter().find(|p| p.offset > blob_start) {
+            Some(next) => next.offset,
+            None => file.end_offset,
+        };
+        let blob_end = if explicit > blob_start {
+            explicit
+        } else {
+            let at = self.member_starts.partition_point(|&s| s <= blob_start);
+            self.member_starts.get(at).copied().unwrap_or(0)
         };
         if blob_start == 0 || blob_start >= blob_end || blob_end > self.data_end {
             return Err(invalid(format!(
