@@ -5,8 +5,12 @@
 //! a token from its realm (with Basic credentials when config.json has some,
 //! or an OAuth2 refresh-token exchange for identity tokens); a `Basic`
 //! challenge by sending the credentials themselves. The result is cached per
-//! (registry, repository) until it expires, and the challenge is kept so an
+//! (registry, token scopes) until it expires, and the challenge is kept so an
 //! expired token is renewed before the next request instead of after a 401.
+//! Scopes follow the operation ([`Access`]): reads ask for `pull`, pushes for
+//! `pull,push`, a cross-repository mount also for `pull` on the source, so a
+//! pull-only token is never reused for a push nor a push token asked for by
+//! a mere read.
 //! One refresh runs at a time per key; concurrent requests wait for it.
 
 use super::credentials::{self, Credential};
@@ -90,6 +94,29 @@ fn parse_value(s: &str) -> (String, &str) {
     (value, "") // unterminated: take what there is
 }
 
+/// What a request needs the registry to allow, which decides the token scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Pull,
+    Push,
+    /// Push here, mounting a blob from another repository of the registry.
+    PushMountFrom(String),
+}
+
+impl Access {
+    /// The token scopes to request for `repository` (token.md "scope").
+    pub fn scopes(&self, repository: &str) -> Vec<String> {
+        match self {
+            Access::Pull => vec![format!("repository:{repository}:pull")],
+            Access::Push => vec![format!("repository:{repository}:pull,push")],
+            Access::PushMountFrom(from) => vec![
+                format!("repository:{repository}:pull,push"),
+                format!("repository:{from}:pull"),
+            ],
+        }
+    }
+}
+
 /// What to put in `Authorization`.
 #[derive(Clone)]
 pub enum Credentials {
@@ -120,22 +147,23 @@ struct Slot {
     challenge: Option<Challenge>,
 }
 
+/// (registry, the requested scopes joined by spaces).
 type SlotKey = (String, String);
 
-/// Cached registry credentials, per (registry, repository).
+/// Cached registry credentials, per (registry, scopes).
 #[derive(Default)]
 pub struct AuthCache {
     slots: Mutex<HashMap<SlotKey, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
 impl AuthCache {
-    fn slot(&self, registry: &str, repository: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+    fn slot(&self, registry: &str, scopes: &[String]) -> Arc<tokio::sync::Mutex<Slot>> {
         let mut slots = self
             .slots
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         slots
-            .entry((registry.to_string(), repository.to_string()))
+            .entry((registry.to_string(), scopes.join(" ")))
             .or_default()
             .clone()
     }
@@ -168,14 +196,17 @@ fn parse_token_response(body: &[u8]) -> Result<(String, Duration), String> {
 }
 
 impl Inner {
-    /// The credentials to send for `repository`, renewing an expired token
-    /// first when the challenge that produced it is known. `None`: go anonymous.
+    /// The credentials to send for `access` to `repository`, renewing an
+    /// expired token first when the challenge that produced it is known.
+    /// `None`: go anonymous.
     pub(crate) async fn auth_for(
         &self,
         ctx: &Ctx<'_>,
         repository: &str,
+        access: &Access,
     ) -> Result<Option<(Credentials, u64)>, RegistryError> {
-        let slot = self.auth.slot(ctx.registry, repository);
+        let scopes = access.scopes(repository);
+        let slot = self.auth.slot(ctx.registry, &scopes);
         let mut slot = slot.lock().await;
         match (&slot.cached, &slot.challenge) {
             (Some(cached), _) if cached.is_fresh() => {
@@ -183,7 +214,7 @@ impl Inner {
             }
             (Some(_), Some(challenge)) => {
                 let challenge = challenge.clone();
-                self.refresh(ctx, repository, &mut slot, challenge).await?;
+                self.refresh(ctx, &scopes, &mut slot, challenge).await?;
                 Ok(slot
                     .cached
                     .as_ref()
@@ -199,10 +230,12 @@ impl Inner {
         &self,
         ctx: &Ctx<'_>,
         repository: &str,
+        access: &Access,
         www_authenticate: &str,
         used_generation: Option<u64>,
     ) -> Result<(), RegistryError> {
-        let slot = self.auth.slot(ctx.registry, repository);
+        let scopes = access.scopes(repository);
+        let slot = self.auth.slot(ctx.registry, &scopes);
         let mut slot = slot.lock().await;
         let renewed_meanwhile = used_generation != Some(slot.generation)
             && slot.cached.as_ref().is_some_and(Cached::is_fresh);
@@ -223,13 +256,13 @@ impl Inner {
             };
             return Err(ctx.err(ErrorKind::Protocol(reason)));
         };
-        self.refresh(ctx, repository, &mut slot, challenge).await
+        self.refresh(ctx, &scopes, &mut slot, challenge).await
     }
 
     async fn refresh(
         &self,
         ctx: &Ctx<'_>,
-        repository: &str,
+        scopes: &[String],
         slot: &mut Slot,
         challenge: Challenge,
     ) -> Result<(), RegistryError> {
@@ -244,7 +277,7 @@ impl Inner {
             Err(reason) => return Err(ctx.err(ErrorKind::Credentials(reason))),
         };
         let cached = if challenge.scheme == "bearer" {
-            let fetch = self.fetch_token(ctx, repository, &challenge, credential.as_ref());
+            let fetch = self.fetch_token(ctx, scopes, &challenge, credential.as_ref());
             let (token, lifetime) = Box::pin(fetch).await?;
             Cached {
                 credentials: Credentials::Bearer(token),
@@ -277,7 +310,7 @@ impl Inner {
     async fn fetch_token(
         &self,
         ctx: &Ctx<'_>,
-        repository: &str,
+        scopes: &[String],
         challenge: &Challenge,
         credential: Option<&Credential>,
     ) -> Result<(String, Duration), RegistryError> {
@@ -299,13 +332,14 @@ impl Inner {
                 ))
             })?;
         let service = challenge.params.get("service");
-        let mut scopes = vec![format!("repository:{repository}:pull")];
-        if let Some(scope) = challenge
-            .params
-            .get("scope")
-            .filter(|s| !scopes.contains(s))
-        {
-            scopes.push(scope.clone());
+        // The challenge may name what it wants too, several scopes separated
+        // by spaces (token.md); ask for those as well.
+        let mut scopes = scopes.to_vec();
+        let wanted = challenge.params.get("scope").map(String::as_str);
+        for scope in wanted.unwrap_or_default().split_whitespace() {
+            if !scopes.iter().any(|s| s == scope) {
+                scopes.push(scope.to_string());
+            }
         }
         let mut request = Request::get(
             url.clone(),

@@ -116,9 +116,7 @@ impl Inner {
                 }
             }
         }
-        let auth = Auth::Registry {
-            repository: repo.repository.clone(),
-        };
+        let auth = Auth::pull(&repo.repository);
         let request = Request::get(registry_url.clone(), headers, auth, retries);
         let response = self.execute(ctx, &request).await?;
         if host_of(&response.final_url) != host_of(&registry_url)

@@ -8,7 +8,9 @@
 //! - [`range`]: Range headers and the checks on partial responses;
 //! - [`blob`]: blob sources (foreign URLs, cached CDN redirects, the registry);
 //! - [`stream`]: the resumable whole-blob stream;
-//! - [`mirror`]: mirror endpoints tried before the registry, and when to skip one.
+//! - [`mirror`]: mirror endpoints tried before the registry, and when to skip one;
+//! - [`push`]: blob uploads, cross-repository mounts and manifest pushes
+//!   (to the registry only, never a mirror).
 //!
 //! Blob bytes are *not* verified here (the layer indexer hashes them while it
 //! reads); manifests are, because they are small and read whole.
@@ -18,6 +20,7 @@ mod blob;
 mod credentials;
 mod error;
 mod mirror;
+mod push;
 mod range;
 #[cfg(test)]
 mod server_tests;
@@ -298,9 +301,7 @@ impl Client {
             .map_err(|_| ctx.err(ErrorKind::Setup(format!("invalid Accept list {accept:?}"))))?;
         headers.insert(header::ACCEPT, accept_value);
         let url = repo.url("manifests", reference)?;
-        let auth = Auth::Registry {
-            repository: repo.repository.clone(),
-        };
+        let auth = Auth::pull(&repo.repository);
         let retries = repo.retries(&self.inner.opts);
         let request = Request::get(url, headers, auth, retries);
         let response = self.inner.execute(&ctx, &request).await?;

@@ -797,3 +797,5 @@ async fn a_digest_mismatch_from_a_mirror_is_an_error_not_a_fallback() {
     assert!(e.to_string().contains(&mirror.registry()), "{e}");
     assert!(upstream.requests().is_empty());
 }
+
+mod push;

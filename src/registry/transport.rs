@@ -2,9 +2,11 @@
 //! most [`MAX_REDIRECTS`], `Authorization` only ever sent to the origin the
 //! request started at), registry auth attached and renewed on 401, bounded
 //! retries with exponential backoff and jitter on network errors, 429 and
-//! 5xx, and a timeout around every await so nothing can hang.
+//! 5xx, and a timeout around every await so nothing can hang (an upload's
+//! grows with its body, at [`UPLOAD_RATE_FLOOR`]).
 
 use super::ClientOptions;
+pub use super::auth::Access;
 use super::auth::{AuthCache, Credentials};
 use super::error::{ErrorDetail, ErrorKind, RegistryError, Status, is_retryable_status};
 use bytes::{Bytes, BytesMut};
@@ -26,6 +28,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(30);
 /// Error bodies are read only this far (they are a few hundred bytes).
 const ERROR_BODY_MAX: usize = 16 * 1024;
+/// Slowest upload (bytes per second) waited for before a request body is
+/// given up on: sending it counts against the response-head timeout.
+pub const UPLOAD_RATE_FLOOR: u64 = 64 * 1024;
 
 /// Names a request in errors: the registry and what was being fetched.
 pub struct Ctx<'a> {
@@ -42,9 +47,11 @@ impl Ctx<'_> {
 /// Which credentials a request carries (only to its starting origin).
 pub enum Auth {
     None,
-    /// The registry's own, per [`super::auth`], for this repository.
+    /// The registry's own, per [`super::auth`], for this repository and
+    /// what the request does there.
     Registry {
         repository: String,
+        access: Access,
     },
     /// Fixed Basic credentials (token endpoints).
     Basic {
@@ -53,12 +60,24 @@ pub enum Auth {
     },
 }
 
+impl Auth {
+    /// The registry's credentials for reading `repository`.
+    pub fn pull(repository: &str) -> Auth {
+        Auth::Registry {
+            repository: repository.to_string(),
+            access: Access::Pull,
+        }
+    }
+}
+
 pub struct Request {
     pub method: Method,
     pub url: Url,
     pub headers: HeaderMap,
     /// An `application/x-www-form-urlencoded` body.
     pub form: Option<String>,
+    /// Any other body; its `Content-Type` goes in `headers`.
+    pub body: Option<Bytes>,
     pub auth: Auth,
     /// Retries after the first attempt.
     pub retries: u32,
@@ -66,11 +85,16 @@ pub struct Request {
 
 impl Request {
     pub fn get(url: Url, headers: HeaderMap, auth: Auth, retries: u32) -> Request {
+        Request::new(Method::GET, url, headers, auth, retries)
+    }
+
+    pub fn new(method: Method, url: Url, headers: HeaderMap, auth: Auth, retries: u32) -> Request {
         Request {
-            method: Method::GET,
+            method,
             url,
             headers,
             form: None,
+            body: None,
             auth,
             retries,
         }
@@ -113,7 +137,7 @@ enum Failure {
     Fatal(RegistryError),
 }
 
-fn same_origin(a: &Url, b: &Url) -> bool {
+pub fn same_origin(a: &Url, b: &Url) -> bool {
     a.scheme() == b.scheme()
         && a.host_str() == b.host_str()
         && a.port_or_known_default() == b.port_or_known_default()
@@ -160,6 +184,12 @@ impl Inner {
         self.opts.connect_timeout + self.opts.read_timeout
     }
 
+    /// Sending `req` (its body included) and waiting for the response head.
+    fn send_timeout(&self, req: &Request) -> Duration {
+        let body_len = req.body.as_ref().map_or(0, Bytes::len) as u64;
+        self.head_timeout() + Duration::from_secs(body_len / UPLOAD_RATE_FLOOR)
+    }
+
     pub fn unauthorized(&self, registry: &str, status: Status, detail: ErrorDetail) -> ErrorKind {
         let config = match &self.config_path {
             Some(path) => path.display().to_string(),
@@ -189,14 +219,14 @@ impl Inner {
                     generation,
                     detail,
                 } => {
-                    let Auth::Registry { repository } = &req.auth else {
+                    let Auth::Registry { repository, access } = &req.auth else {
                         return Err(ctx.err(self.unauthorized(ctx.registry, Status(401), detail)));
                     };
                     if reauthenticated {
                         return Err(ctx.err(self.unauthorized(ctx.registry, Status(401), detail)));
                     }
                     reauthenticated = true;
-                    self.reauthenticate(ctx, repository, &www_authenticate, generation)
+                    self.reauthenticate(ctx, repository, access, &www_authenticate, generation)
                         .await?;
                 }
                 Failure::Fatal(error) => return Err(error),
@@ -234,6 +264,9 @@ impl Inner {
                     .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                     .body(form.clone());
             }
+            if let Some(body) = &req.body {
+                builder = builder.body(body.clone());
+            }
             let mut generation = None;
             if at_origin {
                 match &req.auth {
@@ -241,9 +274,9 @@ impl Inner {
                     Auth::Basic { username, password } => {
                         builder = builder.basic_auth(username, Some(password))
                     }
-                    Auth::Registry { repository } => {
+                    Auth::Registry { repository, access } => {
                         match self
-                            .auth_for(ctx, repository)
+                            .auth_for(ctx, repository, access)
                             .await
                             .map_err(Failure::Fatal)?
                         {
@@ -260,13 +293,10 @@ impl Inner {
                     }
                 }
             }
-            let resp = match tokio::time::timeout(self.head_timeout(), builder.send()).await {
+            let timeout = self.send_timeout(req);
+            let resp = match tokio::time::timeout(timeout, builder.send()).await {
                 Err(_) => {
-                    let reason = format!(
-                        "no response from {} within {:?}",
-                        host_of(&url),
-                        self.head_timeout()
-                    );
+                    let reason = format!("no response from {} within {timeout:?}", host_of(&url));
                     return Err(Failure::Retry {
                         error: ctx.err(ErrorKind::Network(reason)),
                         retry_after: None,
