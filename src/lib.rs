@@ -21,6 +21,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod convert;
 pub mod diff;
 pub mod digest;
 pub mod fs;

@@ -7,6 +7,7 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cli::cache_cmd::{cache_ls, cache_prune, cache_rm, ps, pull};
+use cli::convert_cmd::{ConvertArgs, convert};
 use cli::image_cmd::{diff, inspect};
 use cli::mount_cmd::{mount_here, spawn_daemon, umount};
 use imgfs::cache::Cache;
@@ -108,6 +109,38 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// Rewrite an image's layers as eStargz or zstd:chunked and push it, for mounts without an indexing pass
+    #[command(
+        after_help = "Every platform of a multi-arch source is converted (or only --platform's, pushed as a single manifest). \
+            Layers a TOC cannot describe exactly (names that are not UTF-8, sparse files) and foreign layers are kept as they are.\n\
+            Examples:\n  imgfs convert 127.0.0.1:5000/app:v1 127.0.0.1:5000/app:v1-esgz\n  \
+            imgfs convert --format zstd:chunked app:v1 app:v1-zc\n  \
+            imgfs convert --record 'python3 -c pass' app:v1 app:v1-esgz   # files python reads at start go first"
+    )]
+    Convert {
+        /// Image to read
+        source: String,
+        /// Where to push the converted image (a tag)
+        destination: String,
+        /// Layer format to write
+        #[arg(long, value_enum, default_value_t = imgfs::convert::Target::Estargz)]
+        format: imgfs::convert::Target,
+        /// Convert only this platform, os/arch[/variant] [default: all]
+        #[arg(long)]
+        platform: Option<String>,
+        /// File listing paths (one per line) to put first, before a .prefetch.landmark (eStargz)
+        #[arg(long, value_name = "FILE")]
+        prefetch_list: Option<PathBuf>,
+        /// Mount the source, run CMD (sh -c) in a chroot under strace, and put the files it opens first
+        #[arg(long, value_name = "CMD")]
+        record: Option<String>,
+        /// zstd level for zstd:chunked
+        #[arg(long, default_value_t = imgfs::convert::DEFAULT_ZSTD_LEVEL)]
+        zstd_level: i32,
+        /// Print what was pushed as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an image's platforms, manifest, layers and config without mounting it
     Inspect {
         /// Image reference, e.g. alpine, 127.0.0.1:5000/team/app:v2, repo@sha256:...
@@ -186,8 +219,8 @@ struct MountArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     cache_max: Option<u64>,
     /// What to fetch in the background once mounted: none, landmark (the
-    /// files eStargz layers mark as needed at start; nothing until eStargz
-    /// is supported) or all (every layer, whole)
+    /// files eStargz layers mark as needed at start, before their
+    /// .prefetch.landmark) or all (every layer, whole)
     #[arg(long, value_enum, default_value_t = mount::Prefetch::Landmark)]
     prefetch: mount::Prefetch,
     /// Bandwidth cap of background prefetching (10M, 50MiB/s; 0: no cap)
@@ -297,6 +330,29 @@ fn run(cli: Cli) -> Result<()> {
             platform,
             json,
         } => inspect(&reference, platform.as_deref(), json, client_options),
+        Command::Convert {
+            source,
+            destination,
+            format,
+            platform,
+            prefetch_list,
+            record,
+            zstd_level,
+            json,
+        } => convert(
+            &ConvertArgs {
+                source: &source,
+                destination: &destination,
+                format,
+                platform: platform.as_deref(),
+                prefetch_list: prefetch_list.as_deref(),
+                record: record.as_deref(),
+                zstd_level,
+                json,
+            },
+            &cache_dir,
+            client_options,
+        ),
     }
 }
 

@@ -4,6 +4,7 @@ use crate::{parse_platform, prepare, runtime, state_dir};
 use anyhow::{Context, Result, bail};
 use imgfs::cache::Cache;
 use imgfs::image::{self, Platform, ResolvedImage};
+use imgfs::layer::toc::LayerFormat;
 use imgfs::record::MountRecord;
 use imgfs::reference::Reference;
 use imgfs::registry::{Client, ClientOptions};
@@ -111,12 +112,18 @@ pub(crate) fn inspect_json(image: &ResolvedImage) -> serde_json::Value {
         "platform": platform_text(&image.platform),
         "manifest_digest": image.manifest_digest.to_string(),
         "manifest_media_type": image.manifest_media_type,
-        "layers": image.layers.iter().map(|l| serde_json::json!({
-            "digest": l.blob.digest.to_string(),
-            "size": l.blob.size,
-            "media_type": l.media_type,
-            "urls": l.blob.urls,
-        })).collect::<Vec<_>>(),
+        "layers": image.layers.iter().map(|l| {
+            let format = layer_format(l);
+            serde_json::json!({
+                "digest": l.blob.digest.to_string(),
+                "size": l.blob.size,
+                "media_type": l.media_type,
+                "format": format.name(),
+                "foreign": l.foreign,
+                "lazy": format.laziness(),
+                "urls": l.blob.urls,
+            })
+        }).collect::<Vec<_>>(),
         "config": {
             "digest": c.digest.to_string(),
             "env": c.env, "cmd": c.cmd, "entrypoint": c.entrypoint,
@@ -163,13 +170,19 @@ pub(crate) fn print_inspect(image: &ResolvedImage) {
     }
     println!("Layers:");
     for (i, l) in image.layers.iter().enumerate() {
+        let format = layer_format(l);
+        let foreign = if l.foreign { " foreign" } else { "" };
         println!(
-            "  {:>2}  {}  {:>12}  {}",
+            "  {:>2}  {}  {:>12}  {:<12}{foreign}  {}",
             i + 1,
             l.blob.digest,
             human_bytes(l.blob.size),
-            l.media_type
+            format.name(),
+            format.laziness()
         );
+        for url in &l.blob.urls {
+            println!("        url: {url}");
+        }
     }
     if !c.history.is_empty() {
         println!("History:");
@@ -179,6 +192,10 @@ pub(crate) fn print_inspect(image: &ResolvedImage) {
             println!("  {created:<25} {by}");
         }
     }
+}
+
+fn layer_format(l: &imgfs::image::manifest::LayerDescriptor) -> LayerFormat {
+    LayerFormat::of(&l.annotations, l.compression)
 }
 
 pub(crate) fn human_bytes(n: u64) -> String {

@@ -2,5 +2,6 @@
 //! keeps the argument definitions and the helpers they share.
 
 pub mod cache_cmd;
+pub mod convert_cmd;
 pub mod image_cmd;
 pub mod mount_cmd;
