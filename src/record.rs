@@ -77,9 +77,31 @@ impl MountRecord {
         Ok(path)
     }
 
-    /// Removes the record (the mount ended).
+    /// Removes the record (the mount ended), unless it is no longer this
+    /// mount's: after a lazy unmount the path may be mounted again while
+    /// this mount serves its last open files.
     pub fn remove(&self, state_dir: &Path) {
-        let _ = std::fs::remove_file(record_path(state_dir, &self.mountpoint));
+        if self.is_current(state_dir) {
+            let _ = std::fs::remove_file(record_path(state_dir, &self.mountpoint));
+        }
+    }
+
+    /// Rewrites the record (new statistics) while it is still this mount's:
+    /// not once `live` dropped it (lazily unmounted) or another mount of
+    /// the same path replaced it.
+    pub fn refresh(&self, state_dir: &Path) -> Result<(), RecordError> {
+        if self.is_current(state_dir) {
+            self.save(state_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the record stored for this mountpoint is this process's.
+    fn is_current(&self, state_dir: &Path) -> bool {
+        std::fs::read(record_path(state_dir, &self.mountpoint))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<MountRecord>(&b).ok())
+            .is_some_and(|stored| stored.pid == self.pid)
     }
 
     /// The record of the mount at `mountpoint`.
@@ -211,5 +233,40 @@ mod tests {
         };
         alive.save(state.path()).expect("save");
         assert_eq!(MountRecord::live(state.path()).len(), 1);
+    }
+
+    #[test]
+    fn a_mount_leaves_the_record_of_a_later_mount_on_its_path_alone() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let old = MountRecord {
+            mountpoint: PathBuf::from("/mnt/x"),
+            reference: "r".into(),
+            manifest_digest: Digest::of(b"m"),
+            layers: vec![],
+            cache_dir: PathBuf::from("/c"),
+            upper: None,
+            pid: 100,
+            log: None,
+            fetched_bytes: 0,
+        };
+        let path = old.save(state.path()).expect("save");
+        let new = MountRecord {
+            pid: 200,
+            ..old.clone()
+        };
+        new.save(state.path()).expect("save");
+        let stale = MountRecord {
+            fetched_bytes: 5,
+            ..old.clone()
+        };
+        stale.refresh(state.path()).expect("refresh");
+        old.remove(state.path());
+        let stored: MountRecord =
+            serde_json::from_slice(&std::fs::read(&path).expect("record kept")).expect("json");
+        assert_eq!((stored.pid, stored.fetched_bytes), (200, 0));
+        new.remove(state.path());
+        assert!(!path.exists());
+        new.refresh(state.path()).expect("refresh");
+        assert!(!path.exists(), "refresh recreated a dropped record");
     }
 }

@@ -271,7 +271,7 @@ pub(crate) fn housekeep(
         let now = fetched.load(Ordering::Relaxed);
         if now != record.fetched_bytes && !stop.load(Ordering::Relaxed) {
             record.fetched_bytes = now;
-            let _ = record.save(&state_dir());
+            let _ = record.refresh(&state_dir());
         }
         let due = last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
         if let (Some(max), true) = (cache_max, due) {
