@@ -117,7 +117,7 @@ impl ImageFs {
         &self.tree
     }
 
-    fn node(&self, ino: Ino) -> Result<&Node, Errno> {
+    fn node(&self, ino: Ino) -> Result<Node<'_>, Errno> {
         self.tree.get(ino).ok_or(Errno::ENOENT)
     }
 
@@ -175,7 +175,7 @@ impl ImageFs {
         offset: u64,
     ) -> Result<impl Iterator<Item = DirEntry<'_>>, Errno> {
         let node = self.node(ino)?;
-        let NodeKind::Dir { children } = &node.kind else {
+        let NodeKind::Dir { children } = node.kind else {
             return Err(Errno::ENOTDIR);
         };
         let dots = [
@@ -191,14 +191,15 @@ impl ImageFs {
             name,
         });
         let skip = offset.saturating_sub(FIRST_CHILD - 1);
+        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
         let children = children
+            .skip(skip)
             .iter()
             .enumerate()
-            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
             .map(move |(i, (name, child))| DirEntry {
-                ino: *child,
-                next_offset: FIRST_CHILD + i as u64,
-                kind: self.kind_of(*child),
+                ino: child,
+                next_offset: FIRST_CHILD + (skip + i) as u64,
+                kind: self.kind_of(child),
                 name,
             });
         Ok(dots.chain(children))
@@ -224,16 +225,16 @@ impl ImageFs {
             size: file_size,
             layer,
             data,
-        } = &node.kind
+        } = node.kind
         else {
             return Err(Errno::EINVAL);
         };
-        if offset >= *file_size || size == 0 {
+        if offset >= file_size || size == 0 {
             return Ok(Vec::new());
         }
-        let reader = self.readers.get(*layer as usize).ok_or(Errno::EIO)?;
+        let reader = self.readers.get(layer as usize).ok_or(Errno::EIO)?;
         reader
-            .read_file(*file_size, data, offset, size as usize)
+            .read_file(file_size, &data, offset, size as usize)
             .map_err(|e| {
                 tracing::error!(ino, offset, size, error = %e, "read failed");
                 Errno::EIO
@@ -241,7 +242,7 @@ impl ImageFs {
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<&[u8], Errno> {
-        match &self.node(ino)?.kind {
+        match self.node(ino)?.kind {
             NodeKind::Symlink { target } => Ok(target),
             _ => Err(Errno::EINVAL),
         }

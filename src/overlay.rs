@@ -88,6 +88,12 @@ impl Inode {
 }
 
 struct State {
+    /// Inodes that cannot be found again from the image tree alone: those
+    /// in the upper, image hardlinks (several names), image entries that
+    /// lost their name while the kernel still knows them, and the root. Any
+    /// other image inode the kernel holds is still at its image path and is
+    /// rebuilt from the tree on demand (see `image_inode`), so a writable
+    /// mount's memory does not grow with what is looked up.
     inodes: HashMap<Ino, Inode>,
     /// Upper `st_ino` → our inode number (keeps numbers across copy-up and
     /// joins upper hardlinks).
@@ -114,7 +120,7 @@ enum Located {
 impl OverlayFs {
     pub fn new(lower: ImageFs, upper: Option<Upper>) -> Result<OverlayFs, Errno> {
         if let (Some(upper), Some(root)) = (&upper, lower.tree().get(ROOT)) {
-            upper.adopt_root_meta(&meta_of(root))?;
+            upper.adopt_root_meta(&meta_of(&root))?;
         }
         let root_lower = match &upper {
             Some(u) if u.is_opaque(b"").unwrap_or(false) => None,
@@ -165,30 +171,59 @@ impl OverlayFs {
         if let Some(inode) = self.state().inodes.get(&ino) {
             return Ok(inode.clone());
         }
-        if self.upper.is_some() {
-            return Err(Errno::ENOENT);
-        }
-        // Read-only: image inodes are not recorded (the tree knows them), which
-        // keeps a mount's memory at the tree's size however much is looked up.
+        self.image_inode(ino)
+    }
+
+    /// An image inode that is not recorded: its inode number is its tree
+    /// position and it is where the image has it (see `State::inodes`).
+    fn image_inode(&self, ino: Ino) -> Result<Inode, Errno> {
         let node = self.lower_node(ino)?;
+        let names = match self.lower.tree().first_name(ino) {
+            Some((parent, name)) => vec![(parent, name.to_vec())],
+            None => vec![(node.parent, Vec::new())],
+        };
+        let kind = match node.kind {
+            NodeKind::Dir { .. } => FileKind::Dir,
+            NodeKind::File { .. } => FileKind::File,
+            NodeKind::Symlink { .. } => FileKind::Symlink,
+            NodeKind::CharDevice { .. } => FileKind::CharDevice,
+            NodeKind::BlockDevice { .. } => FileKind::BlockDevice,
+            NodeKind::Fifo => FileKind::Fifo,
+        };
         Ok(Inode {
-            names: vec![(node.parent, Vec::new())],
+            names,
             lower: Some(ino),
             upper: false,
-            kind: self.lower.getattr(ino)?.kind,
+            kind,
         })
+    }
+
+    /// Records an image inode before something about it changes that the
+    /// tree does not know (its names, or that it is in the upper).
+    fn materialize(&self, state: &mut State, ino: Ino) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = state.inodes.entry(ino) {
+            if let Ok(inode) = self.image_inode(ino) {
+                slot.insert(inode);
+            }
+        }
     }
 
     /// The inode's path in the merged view ("" for the root).
     fn path(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
         let state = self.state();
+        let tree = self.lower.tree();
         let mut parts: Vec<&[u8]> = Vec::new();
         let mut current = ino;
         while current != ROOT {
-            let inode = state.inodes.get(&current).ok_or(Errno::ENOENT)?;
-            let (parent, name) = inode.names.last().ok_or(Errno::ENOENT)?;
+            let (parent, name) = match state.inodes.get(&current) {
+                Some(inode) => {
+                    let (parent, name) = inode.names.last().ok_or(Errno::ENOENT)?;
+                    (*parent, name.as_slice())
+                }
+                None => tree.first_name(current).ok_or(Errno::ENOENT)?,
+            };
             parts.push(name);
-            current = *parent;
+            current = parent;
         }
         parts.reverse();
         Ok(parts.join(&b'/'))
@@ -209,12 +244,14 @@ impl OverlayFs {
 
     /// Forgets one name of `ino` (unlinked, or replaced by a rename).
     fn drop_name(&self, ino: Ino, parent: Ino, name: &[u8]) {
-        if let Some(inode) = self.state().inodes.get_mut(&ino) {
+        let mut state = self.state();
+        self.materialize(&mut state, ino);
+        if let Some(inode) = state.inodes.get_mut(&ino) {
             inode.names.retain(|(p, n)| !(*p == parent && n == name));
         }
     }
 
-    fn lower_node(&self, ino: Ino) -> Result<&Node, Errno> {
+    fn lower_node(&self, ino: Ino) -> Result<Node<'_>, Errno> {
         self.lower.tree().get(ino).ok_or(Errno::ENOENT)
     }
 
@@ -254,10 +291,7 @@ impl OverlayFs {
     }
 
     fn lower_is_dir(&self, ino: Ino) -> bool {
-        matches!(
-            self.lower.tree().get(ino).map(|n| &n.kind),
-            Some(NodeKind::Dir { .. })
-        )
+        self.lower.tree().is_dir(ino)
     }
 
     /// Registers `name` in `parent` with the kernel and returns its attributes.
@@ -266,15 +300,21 @@ impl OverlayFs {
             Located::Lower(l) => {
                 let attr = self.lower.getattr(l)?;
                 if self.upper.is_none() {
-                    return Ok(attr); // see `inode`
+                    return Ok(attr); // read-only: the tree is all there is
                 }
-                let inode = Inode {
-                    names: Vec::new(),
-                    lower: Some(l),
-                    upper: false,
-                    kind: attr.kind,
-                };
-                Self::add_name(&mut self.state(), l, inode, parent, name);
+                // An image entry with one name is found again from the tree
+                // (`image_inode`); only a hardlink's names need recording.
+                let hardlink = attr.kind != FileKind::Dir && attr.nlink > 1;
+                let mut state = self.state();
+                if hardlink || state.inodes.contains_key(&l) {
+                    let inode = Inode {
+                        names: Vec::new(),
+                        lower: Some(l),
+                        upper: false,
+                        kind: attr.kind,
+                    };
+                    Self::add_name(&mut state, l, inode, parent, name);
+                }
                 Ok(attr)
             }
             Located::Upper { stat, lower } => {
@@ -701,11 +741,9 @@ impl OverlayFs {
         if let Some(stat) = stat {
             state.by_upper.insert(stat.st_ino, ino);
         }
-        if let Some(entry) = state.inodes.get_mut(&ino) {
-            // `lower` stays: a file opened from the image before the copy-up
-            // goes on reading the image's bytes, as with kernel overlayfs.
-            entry.upper = true;
-        }
+        // `lower` stays: a file opened from the image before the copy-up
+        // goes on reading the image's bytes, as with kernel overlayfs.
+        state.inodes.entry(ino).or_insert(inode.clone()).upper = true;
         drop(state);
         if inode.kind != FileKind::Dir && self.lower_node(lower)?.nlink > 1 {
             self.link_other_names(upper, lower, &join(&dir, &name))?;
@@ -721,7 +759,7 @@ impl OverlayFs {
         lower: Ino,
     ) -> Result<(), Errno> {
         let node = self.lower_node(lower)?;
-        let meta = meta_of(node);
+        let meta = meta_of(&node);
         let special = match &node.kind {
             NodeKind::File { size, .. } => {
                 let size = *size;
@@ -774,16 +812,16 @@ impl OverlayFs {
         let mut out = Vec::new();
         let mut stack: Vec<(Ino, Vec<u8>)> = vec![(ROOT, Vec::new())];
         while let Some((dir, path)) = stack.pop() {
-            let Some(NodeKind::Dir { children }) = tree.get(dir).map(|n| &n.kind) else {
+            let Some(NodeKind::Dir { children }) = tree.get(dir).map(|n| n.kind) else {
                 continue;
             };
-            for (name, child) in children {
+            for (name, child) in children.iter() {
                 let child_path = join(&path, name);
-                if *child == lower {
+                if child == lower {
                     out.push(child_path.clone());
                 }
-                if self.lower_is_dir(*child) {
-                    stack.push((*child, child_path));
+                if self.lower_is_dir(child) {
+                    stack.push((child, child_path));
                 }
             }
         }
@@ -821,7 +859,7 @@ impl OverlayFs {
     fn meta_at(&self, path: &[u8]) -> Meta {
         let tree = self.lower.tree();
         match tree.lookup_path(path).and_then(|ino| tree.get(ino)) {
-            Some(node) => meta_of(node),
+            Some(node) => meta_of(&node),
             None => Meta {
                 mode: 0o755,
                 uid: 0,
@@ -1265,5 +1303,147 @@ pub fn set_time(now: bool, secs: i64, nsec: u32) -> SetTime {
             tv_sec: secs,
             tv_nsec: i64::from(nsec),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+    use crate::layer::{
+        Access, BlobSource, Entry, EntryKind, FileData, INDEX_VERSION, Index, LayerReader,
+        SourceError,
+    };
+    use crate::union::Tree;
+
+    struct Bytes(Vec<u8>);
+    impl BlobSource for Bytes {
+        fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
+            let start = (offset as usize).min(self.0.len());
+            let end = (start + len).min(self.0.len());
+            Ok(self.0[start..end].to_vec())
+        }
+    }
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1_700_000_000,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+
+    fn file(path: &str, offset: u64, size: u64) -> Entry {
+        entry(
+            path,
+            EntryKind::File {
+                size,
+                data: FileData::Contiguous { offset },
+            },
+        )
+    }
+
+    /// `d/a` and `d/b` are one file; `d/sub/c`, `f` and `g` plain files.
+    fn overlay(upper: &std::path::Path) -> OverlayFs {
+        let stream = b"hello world".to_vec();
+        let index = Arc::new(Index {
+            version: INDEX_VERSION,
+            layer_digest: Digest::of(&stream),
+            blob_size: stream.len() as u64,
+            stream_size: stream.len() as u64,
+            entries: vec![
+                entry("d", EntryKind::Dir),
+                file("d/a", 0, 5),
+                entry(
+                    "d/b",
+                    EntryKind::Hardlink {
+                        target: b"d/a".to_vec(),
+                    },
+                ),
+                file("d/sub/c", 6, 5),
+                file("f", 0, 5),
+                file("g", 6, 5),
+            ],
+            block_digests: vec![],
+            access: Access::Tar,
+        });
+        let reader = LayerReader::new(index.clone(), Arc::new(Bytes(stream)));
+        let image = ImageFs::new(Tree::build(&[index]), vec![reader]);
+        let upper = Upper::open(upper).expect("upper");
+        OverlayFs::new(image, Some(upper)).expect("overlay")
+    }
+
+    fn records(fs: &OverlayFs) -> usize {
+        fs.state().inodes.len()
+    }
+
+    #[test]
+    fn image_lookups_are_not_recorded_until_something_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = overlay(&dir.path().join("upper"));
+        let d = fs.lookup(ROOT, b"d").expect("d");
+        let sub = fs.lookup(d.ino, b"sub").expect("sub");
+        let c = fs.lookup(sub.ino, b"c").expect("c");
+        assert_eq!(fs.lookup(ROOT, b"f").expect("f").size, 5);
+        assert_eq!(records(&fs), 1, "only the root");
+        // A hardlink's names are recorded, so a copy-up knows them all.
+        let a = fs.lookup(d.ino, b"a").expect("a");
+        assert_eq!(fs.lookup(d.ino, b"b").expect("b").ino, a.ino);
+        assert_eq!(records(&fs), 2);
+
+        // Writing deep in the image copies the chain up under the same numbers.
+        let (fh, _) = fs.open(c.ino, libc::O_WRONLY).expect("open c");
+        fs.write(fh, 0, b"HE").expect("write");
+        fs.release(fh);
+        assert_eq!(fs.lookup(sub.ino, b"c").expect("c again").ino, c.ino);
+        assert_eq!(fs.lookup(d.ino, b"sub").expect("sub again").ino, sub.ino);
+        let (fh, _) = fs.open(c.ino, libc::O_RDONLY).expect("reopen c");
+        assert_eq!(fs.read(c.ino, fh, 0, 100).expect("read"), b"HErld");
+        fs.release(fh);
+
+        // The copy of a hardlinked file is linked under its other name.
+        let (fh, _) = fs.open(a.ino, libc::O_WRONLY).expect("open a");
+        fs.write(fh, 0, b"J").expect("write a");
+        fs.release(fh);
+        let b = fs.lookup(d.ino, b"b").expect("b after");
+        let (fh, _) = fs.open(b.ino, libc::O_RDONLY).expect("open b");
+        assert_eq!(fs.read(b.ino, fh, 0, 100).expect("read b"), b"Jello");
+        fs.release(fh);
+    }
+
+    #[test]
+    fn an_unlinked_image_entry_stays_gone_for_whoever_still_holds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = overlay(&dir.path().join("upper"));
+        let g = fs.lookup(ROOT, b"g").expect("g");
+        fs.unlink(ROOT, b"g").expect("unlink");
+        assert_eq!(fs.lookup(ROOT, b"g"), Err(Errno::ENOENT));
+        // The kernel may still hold the inode (an open file): it keeps its
+        // image attributes and data...
+        assert_eq!(fs.getattr(g.ino).expect("getattr").size, 5);
+        assert_eq!(fs.read(g.ino, 0, 0, 100).expect("read"), b"world");
+        // ...and a change through it must not bring the name back.
+        let chmod = SetAttr {
+            mode: Some(0o600),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+        };
+        let _ = fs.setattr(g.ino, &chmod);
+        assert_eq!(fs.lookup(ROOT, b"g"), Err(Errno::ENOENT));
+        let names: Vec<Vec<u8>> = fs
+            .merged_listing(ROOT, &fs.inode(ROOT).expect("root"))
+            .expect("listing")
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(names, [&b"."[..], b"..", b"d", b"f"]);
     }
 }

@@ -13,10 +13,19 @@
 //!   inside the image root (as containerd and umoci do when unpacking), so
 //!   `lib -> usr/lib` followed by `lib/x` lands in `usr/lib/x`.
 //!
+//! A mount holds its tree for its whole life, so the tree is a few flat
+//! tables rather than one allocation per entry: 40-byte nodes, 12-byte
+//! directory entries (each directory's children are one sorted run), all
+//! names and symlink targets in one byte arena, and attributes shared by
+//! every node that has the same ones (most of an image shares a handful).
+//! [`Node`] is a view over those tables.
+//!
 //! This module does no I/O: it takes indexes and gives a [`Tree`].
 
 use crate::layer::{Entry, EntryKind, FileData, Index};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 /// FUSE inode number; the root is always [`ROOT`].
@@ -31,12 +40,18 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 /// Mode of directories a layer implies but never lists (what `mkdir -p` in
 /// containerd's unpacker gives them).
 const IMPLIED_DIR_MODE: u32 = 0o755;
+/// "No node / no link / no name" in the 32-bit tables.
+const NONE: u32 = u32::MAX;
+/// Nodes, links and arena bytes are addressed by `u32`; the top two values
+/// are markers. An image past this (billions of entries or gigabytes of
+/// names) is mounted without the entries that do not fit.
+const MAX_ITEMS: usize = (u32::MAX - 2) as usize;
 
 /// An extended attribute: name and value, both raw bytes.
 pub type Xattr = (Box<[u8]>, Box<[u8]>);
 
-/// Attributes shared by every kind of node.
-#[derive(Debug, Clone, PartialEq)]
+/// Attributes shared by every kind of node (stored once per distinct value).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Meta {
     pub mode: u32,
     pub uid: u32,
@@ -46,20 +61,30 @@ pub struct Meta {
     pub xattrs: Vec<Xattr>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum NodeKind {
-    /// Children sorted by name (binary-searched by lookup, offsets for readdir).
+/// One inode of the tree, as a view over the tree's tables.
+#[derive(Debug, Clone)]
+pub struct Node<'a> {
+    /// The parent directory (for `..`); the root is its own parent. For a
+    /// hardlinked file, the directory of its first name.
+    pub parent: Ino,
+    pub nlink: u32,
+    pub meta: &'a Meta,
+    pub kind: NodeKind<'a>,
+}
+
+#[derive(Debug, Clone)]
+pub enum NodeKind<'a> {
     Dir {
-        children: Vec<(Box<[u8]>, Ino)>,
+        children: Children<'a>,
     },
     /// `layer` is the position of the layer in the stack (0 = bottom).
     File {
         size: u64,
         layer: u32,
-        data: FileData,
+        data: Cow<'a, FileData>,
     },
     Symlink {
-        target: Box<[u8]>,
+        target: &'a [u8],
     },
     CharDevice {
         major: u32,
@@ -72,26 +97,149 @@ pub enum NodeKind {
     Fifo,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Node {
-    /// The parent directory (for `..`); the root is its own parent. For a
-    /// hardlinked file, the directory of its first name.
-    pub parent: Ino,
-    pub nlink: u32,
-    pub meta: Meta,
-    pub kind: NodeKind,
+/// A directory's entries, sorted by name (binary-searched by lookup,
+/// positions are readdir offsets).
+#[derive(Clone, Copy)]
+pub struct Children<'a> {
+    names: &'a [u8],
+    dirents: &'a [Dirent],
 }
+
+impl<'a> Children<'a> {
+    pub fn len(&self) -> usize {
+        self.dirents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirents.is_empty()
+    }
+
+    /// (name, inode) in name order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&'a [u8], Ino)> + use<'a> {
+        let names = self.names;
+        self.dirents.iter().map(move |d| (d.name(names), d.ino()))
+    }
+
+    /// The entries from position `start` on (empty past the end).
+    pub fn skip(&self, start: usize) -> Children<'a> {
+        Children {
+            names: self.names,
+            dirents: self.dirents.get(start..).unwrap_or(&[]),
+        }
+    }
+
+    pub fn find(&self, name: &[u8]) -> Option<Ino> {
+        let names = self.names;
+        self.dirents
+            .binary_search_by(|d| d.name(names).cmp(name))
+            .ok()
+            .map(|i| self.dirents[i].ino())
+    }
+}
+
+impl std::fmt::Debug for Children<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.iter()
+                    .map(|(name, ino)| (String::from_utf8_lossy(name), ino)),
+            )
+            .finish()
+    }
+}
+
+/// A name in a directory: `len` bytes of the arena at `name`, naming node
+/// `node` (a table position: inode number minus [`ROOT`]).
+#[derive(Debug, Clone, Copy)]
+struct Dirent {
+    name: u32,
+    len: u32,
+    node: u32,
+}
+
+impl Dirent {
+    fn name<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
+        arena_slice(arena, self.name, self.len)
+    }
+
+    fn ino(&self) -> Ino {
+        Ino::from(self.node) + ROOT
+    }
+}
+
+fn arena_slice(arena: &[u8], start: u32, len: u32) -> &[u8] {
+    let start = start as usize;
+    arena.get(start..start + len as usize).unwrap_or(&[])
+}
+
+/// What a node is, in at most 24 bytes; offsets point into the tree's
+/// arena and tables.
+#[derive(Debug, Clone, Copy)]
+enum Packed {
+    /// `count` dirents from `first`.
+    Dir {
+        first: u32,
+        count: u32,
+    },
+    /// A file whose bytes are contiguous in its layer's stream (nearly all).
+    File {
+        layer: u32,
+        size: u64,
+        offset: u64,
+    },
+    /// Any other layout, kept whole in the tree's `file_data` table.
+    OtherFile {
+        layer: u32,
+        data: u32,
+        size: u64,
+    },
+    Symlink {
+        target: u32,
+        len: u32,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PackedNode {
+    /// Table position of the parent directory.
+    parent: u32,
+    nlink: u32,
+    /// Position in the tree's `metas`.
+    meta: u32,
+    /// The dirent of the first name ([`NONE`] for the root).
+    name: u32,
+    kind: Packed,
+}
+
+/// Bytes per node in the final tree (checked at compile time: the node table
+/// is most of a mount's memory).
+const PACKED_NODE_SIZE: usize = 40;
+const _: () = assert!(std::mem::size_of::<PackedNode>() <= PACKED_NODE_SIZE);
 
 /// The merged, immutable view of an image.
 #[derive(Debug)]
 pub struct Tree {
-    nodes: Vec<Node>,
+    nodes: Vec<PackedNode>,
+    dirents: Vec<Dirent>,
+    /// Names of dirents and symlink targets, end to end.
+    arena: Vec<u8>,
+    metas: Vec<Meta>,
+    file_data: Vec<FileData>,
 }
 
 impl Tree {
     /// Applies the layers bottom (`layers[0]`) to top.
     pub fn build(layers: &[Arc<Index>]) -> Tree {
-        let mut builder = Builder::new();
+        let mut builder = Builder::new(layers);
         for (position, index) in layers.iter().enumerate() {
             let position = u32::try_from(position).unwrap_or(u32::MAX);
             builder.apply_layer(position, &index.entries);
@@ -99,26 +247,79 @@ impl Tree {
         builder.freeze()
     }
 
-    pub fn get(&self, ino: Ino) -> Option<&Node> {
+    fn packed(&self, ino: Ino) -> Option<&PackedNode> {
         let slot = usize::try_from(ino.checked_sub(ROOT)?).ok()?;
         self.nodes.get(slot)
     }
 
+    pub fn get(&self, ino: Ino) -> Option<Node<'_>> {
+        let node = self.packed(ino)?;
+        let kind = match node.kind {
+            Packed::Dir { first, count } => NodeKind::Dir {
+                children: self.children(first, count),
+            },
+            Packed::File {
+                layer,
+                size,
+                offset,
+            } => NodeKind::File {
+                size,
+                layer,
+                data: Cow::Owned(FileData::Contiguous { offset }),
+            },
+            Packed::OtherFile { layer, data, size } => NodeKind::File {
+                size,
+                layer,
+                data: Cow::Borrowed(self.file_data.get(data as usize)?),
+            },
+            Packed::Symlink { target, len } => NodeKind::Symlink {
+                target: arena_slice(&self.arena, target, len),
+            },
+            Packed::CharDevice { major, minor } => NodeKind::CharDevice { major, minor },
+            Packed::BlockDevice { major, minor } => NodeKind::BlockDevice { major, minor },
+            Packed::Fifo => NodeKind::Fifo,
+        };
+        Some(Node {
+            parent: Ino::from(node.parent) + ROOT,
+            nlink: node.nlink,
+            meta: self.metas.get(node.meta as usize)?,
+            kind,
+        })
+    }
+
+    fn children(&self, first: u32, count: u32) -> Children<'_> {
+        let first = first as usize;
+        Children {
+            names: &self.arena,
+            dirents: self
+                .dirents
+                .get(first..first + count as usize)
+                .unwrap_or(&[]),
+        }
+    }
+
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
-        match &self.get(parent)?.kind {
-            NodeKind::Dir { children } => children
-                .binary_search_by(|(n, _)| n.as_ref().cmp(name))
-                .ok()
-                .map(|i| children[i].1),
+        match self.packed(parent)?.kind {
+            Packed::Dir { first, count } => self.children(first, count).find(name),
             _ => None,
         }
     }
 
     /// Looks a `/`-separated path up from the root without following symlinks.
     pub fn lookup_path(&self, path: &[u8]) -> Option<Ino> {
-        path.split(|&b| b == b'/')
-            .filter(|c| !c.is_empty())
-            .try_fold(ROOT, |ino, name| self.lookup(ino, name))
+        components(path).try_fold(ROOT, |ino, name| self.lookup(ino, name))
+    }
+
+    pub fn is_dir(&self, ino: Ino) -> bool {
+        matches!(self.packed(ino).map(|n| n.kind), Some(Packed::Dir { .. }))
+    }
+
+    /// The directory and name `ino` was first found under (depth first, by
+    /// name); `None` for the root and unknown inodes.
+    pub fn first_name(&self, ino: Ino) -> Option<(Ino, &[u8])> {
+        let node = self.packed(ino)?;
+        let dirent = self.dirents.get(node.name as usize)?;
+        Some((Ino::from(node.parent) + ROOT, dirent.name(&self.arena)))
     }
 
     pub fn len(&self) -> usize {
@@ -130,35 +331,102 @@ impl Tree {
     }
 }
 
-/// A node while the stack is being applied: directories keep a map so that
-/// inserts are cheap; `freeze` turns them into sorted vectors.
-struct BuildNode {
-    parent: usize,
-    nlink: u32,
-    meta: Meta,
-    kind: BuildKind,
+/// The stack did not fit the 32-bit tables (see [`MAX_ITEMS`]).
+#[derive(Debug)]
+struct Full;
+
+fn index_of(len: usize) -> Result<u32, Full> {
+    if len < MAX_ITEMS {
+        u32::try_from(len).map_err(|_| Full)
+    } else {
+        Err(Full)
+    }
 }
 
-enum BuildKind {
-    Dir(BTreeMap<Box<[u8]>, usize>),
-    Leaf(NodeKind),
+/// A name of a node in a directory while the stack is applied. Removed
+/// links stay in the table with `node == NONE`.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    dir: u32,
+    node: u32,
+    name: u32,
+    len: u32,
+    /// The directory's next link (a directory's links form a list).
+    next: u32,
 }
 
+/// Free and deleted slots of the builder's name table.
+const EMPTY: u32 = u32::MAX;
+const TOMBSTONE: u32 = u32::MAX - 1;
+const MIN_TABLE_SIZE: usize = 1024;
+
+/// The tree while the stack is applied: the final tree's node and arena
+/// tables (nodes in creation order, a directory's `first` the head of its
+/// list of links), plus an open-addressing hash table from (directory,
+/// name) to live link, so that no name is its own allocation even while
+/// building. [`Builder::freeze`] reorders the nodes in place.
 struct Builder {
-    nodes: Vec<BuildNode>,
+    nodes: Vec<PackedNode>,
+    links: Vec<Link>,
+    arena: Vec<u8>,
+    /// Link positions, [`EMPTY`] or [`TOMBSTONE`]; a power of two long.
+    table: Vec<u32>,
+    /// Slots that are not `EMPTY` (live and tombstones).
+    table_used: usize,
+    hasher: RandomState,
+    metas: HashMap<Meta, u32>,
+    file_data: Vec<FileData>,
+    /// Set once the first entry that did not fit was skipped (warned once).
+    full: bool,
 }
 
-const ROOT_SLOT: usize = 0;
+const ROOT_SLOT: u32 = 0;
+
+/// Room for a few directories the layers imply without listing them, so
+/// that the tables sized from the entries rarely grow (growing doubles).
+const IMPLIED_DIRS_ROOM: usize = 64;
+/// Bytes of names reserved for those implied directories.
+const IMPLIED_NAMES_ROOM: usize = 1024;
 
 impl Builder {
-    fn new() -> Self {
-        let root = BuildNode {
+    /// A builder whose tables are sized for `layers` up front: every node
+    /// and link comes from an entry, and a mount keeps what the build
+    /// touched (freed heap memory stays resident), so growth is waste.
+    fn new(layers: &[Arc<Index>]) -> Self {
+        let entries: usize = layers.iter().map(|l| l.entries.len()).sum();
+        let name_bytes: usize = layers
+            .iter()
+            .flat_map(|l| &l.entries)
+            .map(|e| {
+                let target = match &e.kind {
+                    EntryKind::Symlink { target } => target.len(),
+                    _ => 0,
+                };
+                split_parent(&e.path).1.len() + target
+            })
+            .sum();
+        let items = entries + IMPLIED_DIRS_ROOM;
+        let table = (items * 2).max(MIN_TABLE_SIZE).next_power_of_two();
+        let mut builder = Builder {
+            nodes: Vec::with_capacity(items),
+            links: Vec::with_capacity(items),
+            arena: Vec::with_capacity(name_bytes + IMPLIED_NAMES_ROOM),
+            table: vec![EMPTY; table],
+            table_used: 0,
+            hasher: RandomState::new(),
+            metas: HashMap::new(),
+            file_data: Vec::new(),
+            full: false,
+        };
+        builder.metas.insert(implied_dir_meta(), 0);
+        builder.nodes.push(PackedNode {
             parent: ROOT_SLOT,
             nlink: 1,
-            meta: implied_dir_meta(),
-            kind: BuildKind::Dir(BTreeMap::new()),
-        };
-        Builder { nodes: vec![root] }
+            meta: 0,
+            name: NONE,
+            kind: EMPTY_DIR,
+        });
+        builder
     }
 
     fn apply_layer(&mut self, position: u32, entries: &[Entry]) {
@@ -183,138 +451,270 @@ impl Builder {
             if name.starts_with(WHITEOUT_PREFIX) {
                 continue;
             }
-            self.apply_entry(position, entry);
+            if self.apply_entry(position, entry).is_err() && !self.full {
+                self.full = true;
+                tracing::warn!(
+                    path = %String::from_utf8_lossy(&entry.path),
+                    "image too large for one tree: this and later entries are left out"
+                );
+            }
         }
     }
 
-    fn apply_entry(&mut self, position: u32, entry: &Entry) {
+    fn apply_entry(&mut self, position: u32, entry: &Entry) -> Result<(), Full> {
         if entry.path.is_empty() {
             // `./` describes the root directory itself.
             if matches!(entry.kind, EntryKind::Dir) {
-                self.nodes[ROOT_SLOT].meta = meta_of(entry);
+                self.nodes[ROOT_SLOT as usize].meta = self.meta_id(entry)?;
             }
-            return;
+            return Ok(());
         }
         let (dir, name) = split_parent(&entry.path);
-        let parent = self.make_dirs(dir);
+        let parent = self.make_dirs(dir)?;
         let existing = self.child(parent, name);
 
         if let EntryKind::Hardlink { target } = &entry.kind {
-            self.link(parent, name, existing, target, &entry.path);
-            return;
+            return self.link(parent, name, existing, target, &entry.path);
         }
         if let (EntryKind::Dir, Some(slot)) = (&entry.kind, existing) {
-            if matches!(self.nodes[slot].kind, BuildKind::Dir(_)) {
-                self.nodes[slot].meta = meta_of(entry);
-                return;
+            if self.is_dir(slot) {
+                self.nodes[slot as usize].meta = self.meta_id(entry)?;
+                return Ok(());
             }
         }
         if existing.is_some() {
             self.remove_child(parent, name);
         }
         let kind = match &entry.kind {
-            EntryKind::Dir => BuildKind::Dir(BTreeMap::new()),
-            EntryKind::File { size, data } => BuildKind::Leaf(NodeKind::File {
-                size: *size,
-                layer: position,
-                data: data.clone(),
-            }),
-            EntryKind::Symlink { target } => BuildKind::Leaf(NodeKind::Symlink {
-                target: target.clone().into_boxed_slice(),
-            }),
-            EntryKind::CharDevice { major, minor } => BuildKind::Leaf(NodeKind::CharDevice {
+            EntryKind::Dir => EMPTY_DIR,
+            EntryKind::File { size, data } => match data {
+                FileData::Contiguous { offset } => Packed::File {
+                    layer: position,
+                    size: *size,
+                    offset: *offset,
+                },
+                other => {
+                    let data = index_of(self.file_data.len())?;
+                    self.file_data.push(other.clone());
+                    Packed::OtherFile {
+                        layer: position,
+                        data,
+                        size: *size,
+                    }
+                }
+            },
+            EntryKind::Symlink { target } => {
+                let (target, len) = self.intern(target)?;
+                Packed::Symlink { target, len }
+            }
+            EntryKind::CharDevice { major, minor } => Packed::CharDevice {
                 major: *major,
                 minor: *minor,
-            }),
-            EntryKind::BlockDevice { major, minor } => BuildKind::Leaf(NodeKind::BlockDevice {
+            },
+            EntryKind::BlockDevice { major, minor } => Packed::BlockDevice {
                 major: *major,
                 minor: *minor,
-            }),
-            EntryKind::Fifo => BuildKind::Leaf(NodeKind::Fifo),
-            EntryKind::Hardlink { .. } => return,
+            },
+            EntryKind::Fifo => Packed::Fifo,
+            EntryKind::Hardlink { .. } => return Ok(()),
         };
-        let slot = self.push(parent, meta_of(entry), kind);
-        self.insert_child(parent, name, slot);
+        let meta = self.meta_id(entry)?;
+        let slot = self.push(parent, meta, kind)?;
+        self.insert_child(parent, name, slot)
     }
 
     /// A hardlink names the inode its target has *now*; tar extraction fails
     /// on a missing or directory target, so such an entry is skipped.
     fn link(
         &mut self,
-        parent: usize,
+        parent: u32,
         name: &[u8],
-        existing: Option<usize>,
+        existing: Option<u32>,
         target: &[u8],
         path: &[u8],
-    ) {
+    ) -> Result<(), Full> {
         let Some(target_slot) = self.resolve(target) else {
             tracing::warn!(
                 path = %String::from_utf8_lossy(path),
                 target = %String::from_utf8_lossy(target),
                 "hardlink to a missing entry skipped"
             );
-            return;
+            return Ok(());
         };
-        if matches!(self.nodes[target_slot].kind, BuildKind::Dir(_)) {
+        if self.is_dir(target_slot) {
             tracing::warn!(path = %String::from_utf8_lossy(path), "hardlink to a directory skipped");
-            return;
+            return Ok(());
         }
         if existing == Some(target_slot) {
-            return;
+            return Ok(());
         }
         if existing.is_some() {
             self.remove_child(parent, name);
         }
-        self.insert_child(parent, name, target_slot);
+        self.insert_child(parent, name, target_slot)
     }
 
-    fn push(&mut self, parent: usize, meta: Meta, kind: BuildKind) -> usize {
-        self.nodes.push(BuildNode {
+    /// The shared attributes of `entry`, stored once per distinct value.
+    fn meta_id(&mut self, entry: &Entry) -> Result<u32, Full> {
+        let meta = meta_of(entry);
+        if let Some(&id) = self.metas.get(&meta) {
+            return Ok(id);
+        }
+        let id = index_of(self.metas.len())?;
+        self.metas.insert(meta, id);
+        Ok(id)
+    }
+
+    fn intern(&mut self, bytes: &[u8]) -> Result<(u32, u32), Full> {
+        let start = index_of(self.arena.len())?;
+        index_of(self.arena.len() + bytes.len())?;
+        self.arena.extend_from_slice(bytes);
+        Ok((start, bytes.len() as u32))
+    }
+
+    fn push(&mut self, parent: u32, meta: u32, kind: Packed) -> Result<u32, Full> {
+        let slot = index_of(self.nodes.len())?;
+        self.nodes.push(PackedNode {
             parent,
             nlink: 0,
             meta,
+            name: NONE,
             kind,
         });
-        self.nodes.len() - 1
+        Ok(slot)
     }
 
-    fn child(&self, dir: usize, name: &[u8]) -> Option<usize> {
-        match &self.nodes[dir].kind {
-            BuildKind::Dir(children) => children.get(name).copied(),
-            BuildKind::Leaf(_) => None,
+    fn is_dir(&self, slot: u32) -> bool {
+        matches!(self.nodes[slot as usize].kind, Packed::Dir { .. })
+    }
+
+    fn link_name(&self, link: &Link) -> &[u8] {
+        arena_slice(&self.arena, link.name, link.len)
+    }
+
+    fn hash(&self, dir: u32, name: &[u8]) -> usize {
+        self.hasher.hash_one((dir, name)) as usize
+    }
+
+    /// The table slot holding the live link `name` in `dir`.
+    fn find_slot(&self, dir: u32, name: &[u8]) -> Option<usize> {
+        let mask = self.table.len() - 1;
+        let mut i = self.hash(dir, name) & mask;
+        loop {
+            match self.table[i] {
+                EMPTY => return None,
+                TOMBSTONE => {}
+                l => {
+                    let link = &self.links[l as usize];
+                    if link.dir == dir && self.link_name(link) == name {
+                        return Some(i);
+                    }
+                }
+            }
+            i = (i + 1) & mask;
         }
     }
 
-    fn insert_child(&mut self, dir: usize, name: &[u8], slot: usize) {
-        self.nodes[slot].nlink += 1;
-        if let BuildKind::Dir(children) = &mut self.nodes[dir].kind {
-            children.insert(name.into(), slot);
+    /// Adds link `l`, whose name is not in its directory yet.
+    fn table_insert(&mut self, l: u32) {
+        if (self.table_used + 1) * 2 > self.table.len() {
+            self.rehash();
         }
+        let link = self.links[l as usize];
+        let mask = self.table.len() - 1;
+        let mut i = self.hash(link.dir, self.link_name(&link)) & mask;
+        while self.table[i] != EMPTY && self.table[i] != TOMBSTONE {
+            i = (i + 1) & mask;
+        }
+        if self.table[i] == EMPTY {
+            self.table_used += 1;
+        }
+        self.table[i] = l;
+    }
+
+    /// Rebuilds the table without tombstones, at least four slots per live
+    /// link so it stays at most half full until the next rebuild.
+    fn rehash(&mut self) {
+        let live: Vec<u32> = self
+            .table
+            .iter()
+            .copied()
+            .filter(|&l| l != EMPTY && l != TOMBSTONE)
+            .collect();
+        let size = (live.len() * 4).max(MIN_TABLE_SIZE).next_power_of_two();
+        self.table = vec![EMPTY; size];
+        self.table_used = 0;
+        for l in live {
+            self.table_insert(l);
+        }
+    }
+
+    fn child(&self, dir: u32, name: &[u8]) -> Option<u32> {
+        if !self.is_dir(dir) {
+            return None;
+        }
+        let slot = self.find_slot(dir, name)?;
+        Some(self.links[self.table[slot] as usize].node)
+    }
+
+    fn insert_child(&mut self, dir: u32, name: &[u8], node: u32) -> Result<(), Full> {
+        let Packed::Dir { first, .. } = self.nodes[dir as usize].kind else {
+            return Ok(());
+        };
+        let l = index_of(self.links.len())?;
+        let (name, len) = self.intern(name)?;
+        self.links.push(Link {
+            dir,
+            node,
+            name,
+            len,
+            next: first,
+        });
+        self.nodes[dir as usize].kind = Packed::Dir { first: l, count: 0 };
+        let child = &mut self.nodes[node as usize];
+        child.nlink = child.nlink.saturating_add(1);
+        self.table_insert(l);
+        Ok(())
+    }
+
+    /// Unlinks the live link in table slot `slot`; returns its node.
+    fn unlink_slot(&mut self, slot: usize) -> u32 {
+        let l = self.table[slot] as usize;
+        self.table[slot] = TOMBSTONE;
+        let node = std::mem::replace(&mut self.links[l].node, NONE);
+        let child = &mut self.nodes[node as usize];
+        child.nlink = child.nlink.saturating_sub(1);
+        node
     }
 
     /// Unlinks `name` from `dir`; a directory loses its whole subtree.
-    fn remove_child(&mut self, dir: usize, name: &[u8]) {
-        let removed = match &mut self.nodes[dir].kind {
-            BuildKind::Dir(children) => children.remove(name),
-            BuildKind::Leaf(_) => None,
-        };
-        if let Some(slot) = removed {
-            self.nodes[slot].nlink = self.nodes[slot].nlink.saturating_sub(1);
-            self.clear_children(slot);
+    fn remove_child(&mut self, dir: u32, name: &[u8]) {
+        if !self.is_dir(dir) {
+            return;
+        }
+        if let Some(slot) = self.find_slot(dir, name) {
+            let node = self.unlink_slot(slot);
+            self.clear_children(node);
         }
     }
 
     /// Unlinks everything below `dir`, by a loop (trees can be very deep).
-    fn clear_children(&mut self, dir: usize) {
+    fn clear_children(&mut self, dir: u32) {
         let mut pending = vec![dir];
         while let Some(dir) = pending.pop() {
-            let children = match &mut self.nodes[dir].kind {
-                BuildKind::Dir(children) => std::mem::take(children),
-                BuildKind::Leaf(_) => continue,
+            let Packed::Dir { first, .. } = self.nodes[dir as usize].kind else {
+                continue;
             };
-            for (_, slot) in children {
-                self.nodes[slot].nlink = self.nodes[slot].nlink.saturating_sub(1);
-                pending.push(slot);
+            self.nodes[dir as usize].kind = EMPTY_DIR;
+            let mut l = first;
+            while l != NONE {
+                let link = self.links[l as usize];
+                if link.node != NONE {
+                    if let Some(slot) = self.find_slot(dir, self.link_name(&link)) {
+                        pending.push(self.unlink_slot(slot));
+                    }
+                }
+                l = link.next;
             }
         }
     }
@@ -322,32 +722,32 @@ impl Builder {
     /// The directory at `path` (symlinked components resolved inside the
     /// root), creating missing ones and replacing non-directories on the way,
     /// as an unpacker's `mkdir -p` would.
-    fn make_dirs(&mut self, path: &[u8]) -> usize {
+    fn make_dirs(&mut self, path: &[u8]) -> Result<u32, Full> {
         let mut current = ROOT_SLOT;
         for name in components(path) {
             current = match self.child(current, name) {
                 Some(slot) => match self.follow(current, slot, 0) {
-                    Some(dir) if matches!(self.nodes[dir].kind, BuildKind::Dir(_)) => dir,
+                    Some(dir) if self.is_dir(dir) => dir,
                     _ => {
                         self.remove_child(current, name);
-                        self.new_dir(current, name)
+                        self.new_dir(current, name)?
                     }
                 },
-                None => self.new_dir(current, name),
+                None => self.new_dir(current, name)?,
             };
         }
-        current
+        Ok(current)
     }
 
-    fn new_dir(&mut self, parent: usize, name: &[u8]) -> usize {
-        let slot = self.push(parent, implied_dir_meta(), BuildKind::Dir(BTreeMap::new()));
-        self.insert_child(parent, name, slot);
-        slot
+    fn new_dir(&mut self, parent: u32, name: &[u8]) -> Result<u32, Full> {
+        let slot = self.push(parent, 0, EMPTY_DIR)?;
+        self.insert_child(parent, name, slot)?;
+        Ok(slot)
     }
 
     /// Resolves a path to an existing node, following symlinks in parent
     /// components (not the last one).
-    fn resolve(&self, path: &[u8]) -> Option<usize> {
+    fn resolve(&self, path: &[u8]) -> Option<u32> {
         let (dir, name) = split_parent(path);
         if name.is_empty() {
             return Some(ROOT_SLOT);
@@ -356,16 +756,16 @@ impl Builder {
         self.child(dir, name)
     }
 
-    fn resolve_dir(&self, path: &[u8]) -> Option<usize> {
+    fn resolve_dir(&self, path: &[u8]) -> Option<u32> {
         self.walk(ROOT_SLOT, path, 0)
     }
 
-    fn walk(&self, start: usize, path: &[u8], hops: u32) -> Option<usize> {
+    fn walk(&self, start: u32, path: &[u8], hops: u32) -> Option<u32> {
         let mut current = start;
         for name in components(path) {
             let next = match name {
                 b"." => current,
-                b".." => self.nodes[current].parent,
+                b".." => self.nodes[current as usize].parent,
                 _ => self.child(current, name)?,
             };
             current = self.follow(current, next, hops)?;
@@ -375,12 +775,13 @@ impl Builder {
 
     /// If `slot` is a symlink, the node it points to (relative to `dir`,
     /// absolute targets relative to the image root); otherwise `slot`.
-    fn follow(&self, dir: usize, slot: usize, hops: u32) -> Option<usize> {
-        match &self.nodes[slot].kind {
-            BuildKind::Leaf(NodeKind::Symlink { target }) => {
+    fn follow(&self, dir: u32, slot: u32, hops: u32) -> Option<u32> {
+        match self.nodes[slot as usize].kind {
+            Packed::Symlink { target, len } => {
                 if hops >= MAX_SYMLINK_HOPS {
                     return None;
                 }
+                let target = arena_slice(&self.arena, target, len);
                 let start = if target.first() == Some(&b'/') {
                     ROOT_SLOT
                 } else {
@@ -392,64 +793,147 @@ impl Builder {
         }
     }
 
-    /// Renumbers reachable nodes depth-first from the root, so inode numbers
-    /// are dense and stable for a given image.
+    /// Numbers reachable nodes depth-first from the root, children in name
+    /// order, so inode numbers are dense and stable for a given image; then
+    /// puts the nodes in that order, in place.
     fn freeze(self) -> Tree {
-        let mut numbering = vec![0 as Ino; self.nodes.len()];
-        let mut order = Vec::with_capacity(self.nodes.len());
-        let mut stack = vec![(ROOT_SLOT, ROOT_SLOT)];
-        while let Some((slot, parent)) = stack.pop() {
-            if numbering[slot] != 0 {
-                continue; // a second name of a hardlinked file
-            }
-            numbering[slot] = ROOT + order.len() as Ino;
-            order.push((slot, parent));
-            if let BuildKind::Dir(children) = &self.nodes[slot].kind {
-                stack.extend(children.values().rev().map(|&child| (child, slot)));
-            }
-        }
-        let mut nodes_in = self.nodes.into_iter().map(Some).collect::<Vec<_>>();
-        let mut nodes = Vec::with_capacity(order.len());
-        for &(slot, parent) in &order {
-            let Some(node) = nodes_in[slot].take() else {
-                continue;
-            };
-            let kind = match node.kind {
-                BuildKind::Dir(children) => NodeKind::Dir {
-                    children: children
-                        .into_iter()
-                        .map(|(name, child)| (name, numbering[child]))
-                        .collect(),
-                },
-                BuildKind::Leaf(kind) => kind,
-            };
-            nodes.push(Node {
-                parent: numbering[parent],
-                nlink: node.nlink,
-                meta: node.meta,
-                kind,
-            });
-        }
-        let subdirs: Vec<u32> = nodes
+        let Builder {
+            mut nodes,
+            links,
+            mut arena,
+            table,
+            metas,
+            mut file_data,
+            ..
+        } = self;
+        drop(table);
+        let (mut number, dirent_links) = number_nodes(&mut nodes, &links, &arena);
+        let dirents: Vec<Dirent> = dirent_links
             .iter()
-            .map(|node| match &node.kind {
-                NodeKind::Dir { children } => children
-                    .iter()
-                    .filter(|(_, ino)| {
-                        let slot = (*ino - ROOT) as usize;
-                        matches!(nodes[slot].kind, NodeKind::Dir { .. })
-                    })
-                    .count() as u32,
-                _ => 0,
+            .map(|&l| {
+                let link = &links[l as usize];
+                Dirent {
+                    name: link.name,
+                    len: link.len,
+                    node: number[link.node as usize],
+                }
             })
             .collect();
-        for (node, subdirs) in nodes.iter_mut().zip(subdirs) {
-            if let NodeKind::Dir { .. } = node.kind {
-                node.nlink = 2 + subdirs;
-            }
+        drop(dirent_links);
+        drop(links);
+        permute(&mut nodes, &mut number);
+        drop(number);
+
+        let mut metas_by_id: Vec<Option<Meta>> = vec![None; metas.len()];
+        for (meta, id) in metas {
+            metas_by_id[id as usize] = Some(meta);
         }
-        Tree { nodes }
+        let mut meta_number = vec![NONE; metas_by_id.len()];
+        let mut out_metas = Vec::new();
+        for node in &mut nodes {
+            let Some(number) = meta_number.get_mut(node.meta as usize) else {
+                continue;
+            };
+            if *number == NONE {
+                *number = out_metas.len() as u32;
+                out_metas.push(
+                    metas_by_id[node.meta as usize]
+                        .take()
+                        .unwrap_or_else(implied_dir_meta),
+                );
+            }
+            node.meta = *number;
+        }
+        nodes.shrink_to_fit();
+        arena.shrink_to_fit();
+        file_data.shrink_to_fit();
+        Tree {
+            nodes,
+            dirents,
+            arena,
+            metas: out_metas,
+            file_data,
+        }
     }
+}
+
+/// An empty directory while building (`first` is the head of its links).
+const EMPTY_DIR: Packed = Packed::Dir {
+    first: NONE,
+    count: 0,
+};
+
+/// Walks the tree depth first from the root, children in name order, and
+/// gives every reachable node its final position (the result's first part,
+/// by creation slot; [`NONE`] when unreachable) and its final fields:
+/// parent and first name as final positions, a directory's children as a
+/// run of the result's second part (the final dirents, as links).
+fn number_nodes(nodes: &mut [PackedNode], links: &[Link], arena: &[u8]) -> (Vec<u32>, Vec<u32>) {
+    let mut number = vec![NONE; nodes.len()];
+    let mut dirents: Vec<u32> = Vec::with_capacity(links.len());
+    let name = |l: u32| {
+        let link = &links[l as usize];
+        arena_slice(arena, link.name, link.len)
+    };
+    let mut next = 0u32;
+    let mut stack = vec![(ROOT_SLOT, ROOT_SLOT, NONE)];
+    while let Some((slot, parent, dirent)) = stack.pop() {
+        if number[slot as usize] != NONE {
+            continue; // a second name of a hardlinked file
+        }
+        let position = next;
+        next += 1;
+        number[slot as usize] = position;
+        nodes[slot as usize].parent = parent;
+        nodes[slot as usize].name = dirent;
+        let Packed::Dir { first, .. } = nodes[slot as usize].kind else {
+            continue;
+        };
+        let start = dirents.len();
+        let mut subdirs = 0u32;
+        let mut l = first;
+        while l != NONE {
+            let link = &links[l as usize];
+            if link.node != NONE {
+                dirents.push(l);
+                if matches!(nodes[link.node as usize].kind, Packed::Dir { .. }) {
+                    subdirs += 1;
+                }
+            }
+            l = link.next;
+        }
+        dirents[start..].sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
+        let node = &mut nodes[slot as usize];
+        node.kind = Packed::Dir {
+            first: start as u32,
+            count: (dirents.len() - start) as u32,
+        };
+        node.nlink = 2u32.saturating_add(subdirs);
+        for at in (start..dirents.len()).rev() {
+            let child = links[dirents[at] as usize].node;
+            stack.push((child, position, at as u32));
+        }
+    }
+    (number, dirents)
+}
+
+/// Moves every node to its final position (`number`, consumed) and drops
+/// the unreachable ones, without a second table.
+fn permute(nodes: &mut Vec<PackedNode>, number: &mut [u32]) {
+    let reachable = number.iter().filter(|&&n| n != NONE).count();
+    for i in 0..nodes.len() {
+        // Each swap puts one node in its place; an unreachable one is left
+        // at `i` until a later node claims `i`.
+        loop {
+            let target = number[i];
+            if target == NONE || target as usize == i {
+                break;
+            }
+            nodes.swap(i, target as usize);
+            number.swap(i, target as usize);
+        }
+    }
+    nodes.truncate(reachable);
 }
 
 fn components(path: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -672,5 +1156,86 @@ mod tests {
         assert_eq!(a.meta.mode, IMPLIED_DIR_MODE);
         assert_eq!(tree.get(ROOT).expect("root").nlink, 3);
         assert_eq!(tree.get(ROOT).expect("root").parent, ROOT);
+    }
+
+    #[test]
+    fn large_directories_survive_whiteouts_and_replacements() {
+        const FILES: usize = 3000;
+        let paths: Vec<String> = (0..FILES).map(|i| format!("d/f{i:05}")).collect();
+        let lower = layer(paths.iter().map(|n| file(n, 1)).collect());
+        let upper = layer(
+            (0..FILES)
+                .filter(|i| i % 3 == 0)
+                .map(|i| entry(&format!("d/.wh.f{i:05}"), EntryKind::Fifo))
+                .chain(
+                    (0..FILES)
+                        .filter(|i| i % 3 == 1)
+                        .map(|i| file(&paths[i], 2)),
+                )
+                .collect(),
+        );
+        let tree = Tree::build(&[lower, upper]);
+        let listed = names(&tree, "d");
+        let want: Vec<String> = (0..FILES)
+            .filter(|i| i % 3 != 0)
+            .map(|i| format!("f{i:05}"))
+            .collect();
+        assert_eq!(listed, want);
+        for (i, path) in paths.iter().enumerate() {
+            let size = size_of(&tree, path);
+            assert_eq!(size, [None, Some(2), Some(1)][i % 3], "{path}");
+        }
+        assert_eq!(tree.len(), 2 + want.len());
+    }
+
+    #[test]
+    fn sparse_layouts_and_attributes_are_kept() {
+        let segments = vec![crate::layer::Segment {
+            file_offset: 10,
+            stream_offset: 512,
+            len: 3,
+        }];
+        let mut sparse = entry(
+            "s",
+            EntryKind::File {
+                size: 100,
+                data: FileData::Sparse {
+                    segments: segments.clone(),
+                },
+            },
+        );
+        sparse.xattrs = vec![(b"user.a".to_vec(), b"1".to_vec())];
+        let tree = Tree::build(&[layer(vec![
+            file("a", 1),
+            file("b", 2),
+            file("c", 3),
+            sparse,
+        ])]);
+        let node = tree.get(tree.lookup_path(b"s").expect("s")).expect("node");
+        match node.kind {
+            NodeKind::File { size, data, .. } => {
+                assert_eq!(size, 100);
+                assert_eq!(*data, FileData::Sparse { segments });
+            }
+            other => panic!("not a file: {other:?}"),
+        }
+        assert_eq!(node.meta.xattrs.len(), 1);
+        // The root's implied attributes, the three plain files', the sparse one's.
+        assert_eq!(tree.metas.len(), 3);
+    }
+
+    #[test]
+    fn first_name_is_where_the_walk_first_meets_a_node() {
+        let tree = Tree::build(&[layer(vec![
+            file("z/a", 1),
+            link("b/a", "z/a"),
+            link("b/c", "z/a"),
+        ])]);
+        let ino = tree.lookup_path(b"z/a").expect("a");
+        let (dir, name) = tree.first_name(ino).expect("name");
+        assert_eq!((dir, name), (tree.lookup_path(b"b").expect("b"), &b"a"[..]));
+        assert_eq!(tree.get(ino).expect("node").parent, dir);
+        assert_eq!(tree.first_name(ROOT), None);
+        assert!(tree.is_dir(dir) && !tree.is_dir(ino));
     }
 }
