@@ -19,6 +19,7 @@
 //! `mount` wires the boxes together for one mounted image; `main.rs` is only
 //! the command line around it.
 
+pub mod artifact;
 pub mod cache;
 pub mod config;
 pub mod convert;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use cli::cache_cmd::{cache_ls, cache_prune, cache_rm, ps, pull};
 use cli::convert_cmd::{ConvertArgs, convert};
 use cli::image_cmd::{diff, inspect};
+use cli::index_cmd::index_push;
 use cli::mount_cmd::{mount_here, spawn_daemon, umount};
 use imgfs::cache::Cache;
 use imgfs::config::Config;
@@ -141,6 +142,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Share layer indexes through the registry, so other machines skip the first-mount scan
+    #[command(subcommand)]
+    Index(IndexCommand),
     /// Show an image's platforms, manifest, layers and config without mounting it
     Inspect {
         /// Image reference, e.g. alpine, 127.0.0.1:5000/team/app:v2, repo@sha256:...
@@ -149,6 +153,27 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
         /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Publish the indexes of an image's layers as an OCI artifact attached to its manifest
+    #[command(
+        after_help = "Mounts of the image on any machine then fetch the indexes instead of streaming each \
+            gzip or tar layer once (the indexes are checked against the layer digest and a sample of the \
+            layer's blocks). The artifact is found through the referrers API, or the sha256-<digest> tag \
+            on registries without it.\nExample:\n  imgfs index push 127.0.0.1:5000/team/app:v2"
+    )]
+    Push {
+        /// Image reference
+        reference: String,
+        /// Platform of a multi-arch image, os/arch[/variant] [default: this host's]
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print what was pushed as JSON
         #[arg(long)]
         json: bool,
     },
@@ -226,6 +251,10 @@ struct MountArgs {
     /// Bandwidth cap of background prefetching (10M, 50MiB/s; 0: no cap)
     #[arg(long, value_name = "BYTES/s", default_value = "50MiB/s", value_parser = parse_rate)]
     prefetch_rate: u64,
+    /// Windows images: show the layers as they are (Files/, Hives/, ...)
+    /// instead of C:\ at the root with the rest under .windows-layer/
+    #[arg(long)]
+    raw_layout: bool,
     #[arg(long = "daemon-child", hide = true)]
     daemon_child: bool,
 }
@@ -330,6 +359,17 @@ fn run(cli: Cli) -> Result<()> {
             platform,
             json,
         } => inspect(&reference, platform.as_deref(), json, client_options),
+        Command::Index(IndexCommand::Push {
+            reference,
+            platform,
+            json,
+        }) => index_push(
+            &reference,
+            platform.as_deref(),
+            json,
+            &cache_dir,
+            client_options,
+        ),
         Command::Convert {
             source,
             destination,

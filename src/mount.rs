@@ -6,6 +6,7 @@
 //! This is the only module that knows every other one; each step is a
 //! function a test can call on its own.
 
+use crate::artifact;
 use crate::cache::{Cache, CacheError, Staged};
 use crate::digest::Digest;
 use crate::fs::ImageFs;
@@ -14,12 +15,13 @@ use crate::layer::{
     self, Access, BlobSource, Compression, Index, IndexOptions, LayerError, LayerReader, toc,
 };
 use crate::reference::Reference;
-use crate::registry::{Client, RegistryError};
+use crate::registry::{BlobLocator, Client, RegistryError};
 use crate::source::{BlockSource, Demand, RangeFetcher, SpillSource};
 use crate::union::Tree;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,23 +96,50 @@ pub async fn prepare_with(
     blobs: Blobs,
 ) -> Result<Prepared, MountError> {
     let image = image::resolve(client, reference, platform).await?;
+    let published = published_indexes(client, cache, &image).await;
     let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_INDEXING));
     let tasks = image.layers.iter().map(|layer| {
         let limit = limit.clone();
+        let published = published.get(&layer.blob.digest);
         async move {
             let _permit = limit
                 .acquire()
                 .await
                 .map_err(|e| MountError::Internal(e.to_string()))?;
-            layer_index(client, cache, reference, layer, progress, blobs).await
+            let found = LayerSources { published };
+            layer_index(client, cache, reference, layer, progress, blobs, found).await
         }
     });
     let indexes = futures_util::future::try_join_all(tasks).await?;
     Ok(Prepared { image, indexes })
 }
 
-/// The layer's index from the cache, or built by one streaming pass. The
-/// per-layer lock makes concurrent first mounts of one layer scan it once.
+/// Indexes published in the registry for the layers that would otherwise
+/// be scanned (not cached, no TOC); asked only when there is such a layer.
+async fn published_indexes(
+    client: &Client,
+    cache: &Cache,
+    image: &ResolvedImage,
+) -> HashMap<Digest, BlobLocator> {
+    let needs_scan = image.layers.iter().any(|layer| {
+        !cache.index_path(&layer.blob.digest).exists()
+            && toc::Plan::from_annotations(&layer.annotations, layer.compression).is_none()
+    });
+    if !needs_scan {
+        return HashMap::new();
+    }
+    artifact::find(client, image).await
+}
+
+/// Where a layer's index may come from besides the cache and a scan.
+struct LayerSources<'a> {
+    /// An index published in the registry (see [`artifact`]).
+    published: Option<&'a BlobLocator>,
+}
+
+/// The layer's index from the cache, its TOC, a published index, or built
+/// by one streaming pass, in that order. The per-layer lock makes concurrent
+/// first mounts of one layer scan it once.
 async fn layer_index(
     client: &Client,
     cache: &Cache,
@@ -118,6 +147,7 @@ async fn layer_index(
     layer: &LayerDescriptor,
     progress: &MultiProgress,
     blobs: Blobs,
+    sources: LayerSources<'_>,
 ) -> Result<Arc<Index>, MountError> {
     let digest = layer.blob.digest;
     if let Some(index) = cache.load_index(&digest)? {
@@ -125,6 +155,15 @@ async fn layer_index(
     }
     if let Some(index) = toc_index(client, cache, reference, layer).await? {
         return Ok(Arc::new(index));
+    }
+    if let Some(locator) = sources.published {
+        match artifact::fetch(client, reference, locator, layer).await {
+            Ok(index) => {
+                cache.store_index(&index)?;
+                return Ok(Arc::new(index));
+            }
+            Err(e) => tracing::warn!("{e}; indexing the whole layer instead"),
+        }
     }
     let lock = {
         let cache = cache.clone();
@@ -401,12 +440,15 @@ struct RemoteLayer {
 /// layers that [`prefetch`] can fetch. Takes the indexes out of `prepared`:
 /// once the tree holds the entries, the readers keep only where the bytes
 /// are, so a mount does not hold every tar entry twice.
+/// A Windows image is shown as `layout` says (see [`crate::windows`]).
 pub fn filesystem(
     prepared: &mut Prepared,
     cache: &Cache,
     network: &Network,
+    layout: crate::windows::Layout,
 ) -> Result<(ImageFs, RemoteLayers), MountError> {
     let indexes = std::mem::take(&mut prepared.indexes);
+    let indexes = crate::windows::for_image(indexes, &prepared.image.platform.os, layout);
     let tree = Tree::build(&indexes);
     let mut readers = Vec::with_capacity(indexes.len());
     let mut remote = Vec::new();

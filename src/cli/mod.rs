@@ -4,4 +4,5 @@
 pub mod cache_cmd;
 pub mod convert_cmd;
 pub mod image_cmd;
+pub mod index_cmd;
 pub mod mount_cmd;

@@ -273,20 +273,47 @@ impl Client {
         reference: &str,
         accept: &[&str],
     ) -> Result<FetchedManifest, RegistryError> {
-        self.with_mirrors(r, |repo| self.manifest_from(repo, reference, accept))
-            .await
+        self.with_mirrors(r, |repo| {
+            self.document_from(repo, "manifests", reference, accept)
+        })
+        .await
     }
 
-    async fn manifest_from(
+    /// The referrers of manifest `subject` (the OCI distribution 1.1
+    /// referrers API), an OCI index; `None` when the registry does not offer
+    /// the API (404) — then the tag schema (`sha256-<hex>`) stands in for
+    /// it. Asked of the registry itself: mirrors need not hold artifacts.
+    pub async fn referrers(
+        &self,
+        r: &Reference,
+        subject: &Digest,
+    ) -> Result<Option<FetchedManifest>, RegistryError> {
+        let repo = self.repo(r)?;
+        let accept = [media_type::OCI_INDEX];
+        match self
+            .document_from(repo, "referrers", &subject.to_string(), &accept)
+            .await
+        {
+            Ok(index) => Ok(Some(index)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// GETs `/v2/<repo>/<kind>/<reference>` (a manifest, or a referrers
+    /// index), verifying it when `reference` is a digest of it.
+    async fn document_from(
         &self,
         repo: Repo,
+        kind: &str,
         reference: &str,
         accept: &[&str],
     ) -> Result<FetchedManifest, RegistryError> {
         let ctx = Ctx {
             registry: &repo.registry,
             what: format!(
-                "manifest {}{}{reference}",
+                "{} {}{}{reference}",
+                kind.trim_end_matches('s'),
                 repo.repository,
                 if reference.contains(':') { "@" } else { ":" }
             ),
@@ -300,7 +327,7 @@ impl Client {
         let accept_value = HeaderValue::from_str(&accept.join(", "))
             .map_err(|_| ctx.err(ErrorKind::Setup(format!("invalid Accept list {accept:?}"))))?;
         headers.insert(header::ACCEPT, accept_value);
-        let url = repo.url("manifests", reference)?;
+        let url = repo.url(kind, reference)?;
         let auth = Auth::pull(&repo.repository);
         let retries = repo.retries(&self.inner.opts);
         let request = Request::get(url, headers, auth, retries);
@@ -317,8 +344,10 @@ impl Client {
             .read_all(&ctx, response.resp, MANIFEST_MAX_BYTES)
             .await?;
         let actual = Digest::of(&bytes);
+        // A referrers index changes as artifacts are added: not addressed by content.
+        let addressed = kind == "manifests";
         match reference.parse::<Digest>() {
-            Ok(expected) if expected != actual => {
+            Ok(expected) if addressed && expected != actual => {
                 Err(ctx.err(ErrorKind::DigestMismatch { expected, actual }))
             }
             _ => Ok(FetchedManifest {
