@@ -14,6 +14,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod proxy;
+
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -212,6 +214,23 @@ impl Request {
     }
 }
 
+/// Runs `docker-registry serve CONFIG`, appending its output to `log`.
+fn spawn_registry(config: &Path, log: &Path) -> Result<std::process::Child, String> {
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| e.to_string())?;
+    Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| format!("cannot run /usr/bin/docker-registry: {e}"))
+}
+
 /// A `docker-registry` on 127.0.0.1:<free port>, storing in a temp dir,
 /// killed on drop.
 pub struct Registry {
@@ -274,15 +293,7 @@ impl Registry {
         let config_path = dir.path().join("config.yml");
         fs::write(&config_path, config).map_err(|e| e.to_string())?;
         let log = dir.path().join("registry.log");
-        let log_file = File::create(&log).map_err(|e| e.to_string())?;
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| format!("cannot run /usr/bin/docker-registry: {e}"))?;
+        let child = spawn_registry(&config_path, &log)?;
         let mut reg = Registry {
             child,
             dir,
@@ -290,6 +301,27 @@ impl Registry {
             log,
             docker_config,
         };
+        reg.wait_until_serving()?;
+        Ok(reg)
+    }
+
+    /// Kills the registry process (its storage stays): clients see refused
+    /// connections until [`Self::start_again`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again on the same port, storage and log.
+    pub fn start_again(&mut self) {
+        self.child = spawn_registry(&self.dir.path().join("config.yml"), &self.log)
+            .unwrap_or_else(|e| panic!("restarting docker-registry: {e}"));
+        self.wait_until_serving()
+            .unwrap_or_else(|e| panic!("restarting docker-registry: {e}"));
+    }
+
+    fn wait_until_serving(&mut self) -> Result<(), String> {
+        let reg = self;
         let deadline = Instant::now() + REGISTRY_START;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = reg.child.try_wait() {
@@ -311,7 +343,7 @@ impl Registry {
                 SHORT,
             );
             if matches!(probe.stdout.trim(), "200" | "401") {
-                return Ok(reg);
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
