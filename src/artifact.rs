@@ -316,10 +316,10 @@ pub async fn fetch(
             index.layer_digest, index.blob_size
         )));
     }
-    let fits = match (&index.access, layer.compression) {
-        (Access::Tar, Compression::None) | (Access::Gzip { .. }, Compression::Gzip) => true,
-        _ => false,
-    };
+    let fits = matches!(
+        (&index.access, layer.compression),
+        (Access::Tar, Compression::None) | (Access::Gzip { .. }, Compression::Gzip)
+    );
     if !fits {
         return Err(reject("its format is not the layer's".into()));
     }
