@@ -38,3 +38,4 @@ pub mod source;
 pub mod store;
 pub mod union;
 pub mod upper;
+pub mod windows;

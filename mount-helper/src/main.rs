@@ -68,6 +68,9 @@ fn map_option(opt: &str) -> Result<Vec<OsString>, String> {
     if opt == "ro" {
         return Ok(vec!["--read-only".into()]);
     }
+    if opt == "raw_layout" || opt == "raw-layout" {
+        return Ok(vec!["--raw-layout".into()]);
+    }
     let (key, value) = opt
         .split_once('=')
         .ok_or_else(|| format!("unknown option {opt:?}"))?;
@@ -121,6 +124,12 @@ mod tests {
                 map_option(opt).unwrap(),
                 vec![flag.into(), value.into()] as Vec<std::ffi::OsString>,
                 "{opt}"
+            );
+        }
+        for opt in ["raw_layout", "raw-layout"] {
+            assert_eq!(
+                map_option(opt).unwrap(),
+                vec![std::ffi::OsString::from("--raw-layout")]
             );
         }
         assert!(map_option("prefetch").is_err(), "a value is required");

@@ -9,6 +9,7 @@ use imgfs::record::MountRecord;
 use imgfs::reference::Reference;
 use imgfs::registry::{Client, ClientOptions};
 use imgfs::upper::Upper;
+use imgfs::windows;
 use std::io::Write;
 use std::path::Path;
 
@@ -27,7 +28,9 @@ pub(crate) fn diff(
             let cache = Cache::open(cache_dir)?;
             let client = Client::new(client_options)?;
             let prepared = prepare(&runtime()?, &client, &cache, &reference, platform.as_ref())?;
-            (dir.to_path_buf(), prepared.indexes)
+            let os = &prepared.image.platform.os;
+            let indexes = windows::for_image(prepared.indexes, os, windows::Layout::View);
+            (dir.to_path_buf(), indexes)
         }
         None => {
             let record = MountRecord::load(&state_dir(), Path::new(target))?;
@@ -44,6 +47,11 @@ pub(crate) fn diff(
                     )
                 })?;
                 indexes.push(std::sync::Arc::new(index));
+            }
+            // The record does not say the platform: a Windows base layer
+            // means the mount showed the Windows view (unless --raw-layout).
+            if windows::has_windows_layout(&indexes) {
+                indexes = windows::WindowsView::indexes(indexes);
             }
             (upper, indexes)
         }

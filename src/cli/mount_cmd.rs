@@ -90,7 +90,12 @@ pub(crate) fn mount_here(
         fetched: Arc::new(AtomicU64::new(0)),
         demand: Arc::default(),
     };
-    let (image, remote) = mount::filesystem(&mut prepared, &cache, &network)?;
+    let layout = if args.raw_layout {
+        imgfs::windows::Layout::Raw
+    } else {
+        imgfs::windows::Layout::View
+    };
+    let (image, remote) = mount::filesystem(&mut prepared, &cache, &network, layout)?;
     let mut remote = Some(remote);
     let upper_dir = UpperDir::choose(args)?;
     let upper = match &upper_dir {

@@ -4,11 +4,23 @@
 //! whatever pieces the decompressor produces; file data is skipped by
 //! counting, never copied. Every entry becomes a [`layer::Entry`] with the
 //! stream offset of its data. Understood: ustar, POSIX PAX (`path`,
-//! `linkpath`, `uid`, `gid`, `mtime`, `size`, `SCHILY.xattr.*`), GNU long
+//! `linkpath`, `uid`, `gid`, `mtime`, `size`, `SCHILY.xattr.*`, and the
+//! Windows records below), GNU long
 //! names (`L`/`K`), old GNU sparse files (`S`, with extension headers), PAX
 //! sparse formats 0.0, 0.1 and 1.0, star prefixes and base-256 numbers. The
 //! reading rules follow Go's `archive/tar`, which is what docker and
 //! containerd unpack layers with.
+//!
+//! Windows layers (written by go-winio's `backuptar`) carry file attributes,
+//! security descriptors and creation times in PAX records that no Linux
+//! xattr stands for; they are kept as `user.` xattrs, values exactly as in
+//! the record (so `getfattr -d` lists them):
+//!
+//! | PAX record | xattr |
+//! |---|---|
+//! | `MSWINDOWS.fileattr` (decimal `FILE_ATTRIBUTE_*` bits) | `user.MSWINDOWS.fileattr` |
+//! | `MSWINDOWS.rawsd` (base64 security descriptor) | `user.MSWINDOWS.rawsd` |
+//! | `LIBARCHIVE.creationtime` (seconds\[.fraction\]) | `user.LIBARCHIVE.creationtime` |
 //!
 //! The input is untrusted: metadata records are bounded ([`MAX_META_SIZE`],
 //! [`MAX_ENTRIES`], [`MAX_SPARSE_SEGMENTS`]) and every problem is an error
@@ -109,6 +121,13 @@ mod pax {
     pub const MTIME: &[u8] = b"mtime";
     pub const SIZE: &[u8] = b"size";
     pub const XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
+    /// Windows metadata kept as xattrs named [`WINDOWS_XATTR_PREFIX`] + key.
+    pub const WINDOWS_KEYS: &[&[u8]] = &[
+        b"MSWINDOWS.fileattr",
+        b"MSWINDOWS.rawsd",
+        b"LIBARCHIVE.creationtime",
+    ];
+    pub const WINDOWS_XATTR_PREFIX: &[u8] = b"user.";
     pub const SPARSE_MAJOR: &[u8] = b"GNU.sparse.major";
     pub const SPARSE_MINOR: &[u8] = b"GNU.sparse.minor";
     pub const SPARSE_NAME: &[u8] = b"GNU.sparse.name";
@@ -922,12 +941,19 @@ fn apply_pax(key: &[u8], value: &[u8], p: &mut Pending) -> Result<(), String> {
                 .strip_prefix(pax::XATTR_PREFIX)
                 .filter(|n| !n.is_empty())
             {
-                p.xattrs.retain(|(n, _)| n != name);
-                p.xattrs.push((name.to_vec(), value.to_vec()));
+                set_xattr(p, name.to_vec(), value);
+            } else if pax::WINDOWS_KEYS.contains(&key) {
+                set_xattr(p, [pax::WINDOWS_XATTR_PREFIX, key].concat(), value);
             }
         }
     }
     Ok(())
+}
+
+/// A later record for the same xattr replaces the earlier one.
+fn set_xattr(p: &mut Pending, name: Vec<u8>, value: &[u8]) {
+    p.xattrs.retain(|(n, _)| *n != name);
+    p.xattrs.push((name, value.to_vec()));
 }
 
 /// Parses PAX records (`"%d %s=%s\n"`, the length counting the whole record).
@@ -1286,6 +1312,65 @@ mod tests {
                     b"\x01\x00\x00\x02".to_vec()
                 )
             ]
+        );
+    }
+
+    #[test]
+    fn windows_pax_records_become_user_xattrs() {
+        let rawsd = "AQAEgBQAAAAkAAAAAAAAADAAAAABAgAAAAAABSAAAAAgAgAA";
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_pax_extensions([
+                ("MSWINDOWS.fileattr", &b"32"[..]),
+                ("MSWINDOWS.rawsd", rawsd.as_bytes()),
+                ("LIBARCHIVE.creationtime", &b"1600000000.5"[..]),
+                ("SCHILY.xattr.user.other", &b"v"[..]),
+                ("MSWINDOWS.unknown", &b"ignored"[..]),
+            ])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        builder
+            .append_data(&mut h, "Files/Windows/System32/kernel32.dll", &b"DLL"[..])
+            .unwrap();
+        builder
+            .append_pax_extensions([("MSWINDOWS.fileattr", &b"16"[..])])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        builder
+            .append_data(&mut h, "Files/Windows/", &b""[..])
+            .unwrap();
+        let bytes = builder.into_inner().unwrap();
+
+        let entries = parse_all_ways(&bytes).unwrap();
+        let xattrs = |e: &Entry| {
+            e.xattrs
+                .iter()
+                .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            xattrs(&entries[0]),
+            [
+                ("user.MSWINDOWS.fileattr".to_string(), b"32".to_vec()),
+                (
+                    "user.MSWINDOWS.rawsd".to_string(),
+                    rawsd.as_bytes().to_vec()
+                ),
+                (
+                    "user.LIBARCHIVE.creationtime".to_string(),
+                    b"1600000000.5".to_vec()
+                ),
+                ("user.other".to_string(), b"v".to_vec()),
+            ]
+        );
+        // PAX records apply to the next entry only.
+        assert_eq!(
+            xattrs(&entries[1]),
+            [("user.MSWINDOWS.fileattr".to_string(), b"16".to_vec())]
         );
     }
 
