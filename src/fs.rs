@@ -263,7 +263,7 @@ impl ImageFs {
     pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
         let mut out: Vec<u8> = Vec::new();
         let mut seen: Vec<&[u8]> = Vec::new();
-        for (name, _) in &self.node(ino)?.meta.xattrs {
+        for (name, _) in self.node(ino)?.meta.xattrs {
             if !seen.contains(&name.as_ref()) {
                 seen.push(name);
                 out.extend_from_slice(name);

@@ -50,15 +50,26 @@ const MAX_ITEMS: usize = (u32::MAX - 2) as usize;
 /// An extended attribute: name and value, both raw bytes.
 pub type Xattr = (Box<[u8]>, Box<[u8]>);
 
-/// Attributes shared by every kind of node (stored once per distinct value).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Meta {
+/// Attributes of a node, as a view over the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta<'a> {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
     pub mtime: i64,
     pub mtime_nsec: u32,
-    pub xattrs: Vec<Xattr>,
+    pub xattrs: &'a [Xattr],
+}
+
+/// The attributes most of an image shares, stored once per distinct value
+/// (the mtime, which varies more, is in the node).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Attrs {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime_nsec: u32,
+    xattrs: Box<[Xattr]>,
 }
 
 /// One inode of the tree, as a view over the tree's tables.
@@ -68,7 +79,7 @@ pub struct Node<'a> {
     /// hardlinked file, the directory of its first name.
     pub parent: Ino,
     pub nlink: u32,
-    pub meta: &'a Meta,
+    pub meta: Meta<'a>,
     pub kind: NodeKind<'a>,
 }
 
@@ -213,16 +224,17 @@ struct PackedNode {
     /// Table position of the parent directory.
     parent: u32,
     nlink: u32,
-    /// Position in the tree's `metas`.
-    meta: u32,
+    /// Position in the tree's `attrs`.
+    attrs: u32,
     /// The dirent of the first name ([`NONE`] for the root).
     name: u32,
+    mtime: i64,
     kind: Packed,
 }
 
 /// Bytes per node in the final tree (checked at compile time: the node table
 /// is most of a mount's memory).
-const PACKED_NODE_SIZE: usize = 40;
+const PACKED_NODE_SIZE: usize = 48;
 const _: () = assert!(std::mem::size_of::<PackedNode>() <= PACKED_NODE_SIZE);
 
 /// The merged, immutable view of an image.
@@ -232,7 +244,7 @@ pub struct Tree {
     dirents: Vec<Dirent>,
     /// Names of dirents and symlink targets, end to end.
     arena: Vec<u8>,
-    metas: Vec<Meta>,
+    attrs: Vec<Attrs>,
     file_data: Vec<FileData>,
 }
 
@@ -282,7 +294,17 @@ impl Tree {
         Some(Node {
             parent: Ino::from(node.parent) + ROOT,
             nlink: node.nlink,
-            meta: self.metas.get(node.meta as usize)?,
+            meta: {
+                let attrs = self.attrs.get(node.attrs as usize)?;
+                Meta {
+                    mode: attrs.mode,
+                    uid: attrs.uid,
+                    gid: attrs.gid,
+                    mtime: node.mtime,
+                    mtime_nsec: attrs.mtime_nsec,
+                    xattrs: &attrs.xattrs,
+                }
+            },
             kind,
         })
     }
@@ -374,7 +396,7 @@ struct Builder {
     /// Slots that are not `EMPTY` (live and tombstones).
     table_used: usize,
     hasher: RandomState,
-    metas: HashMap<Meta, u32>,
+    attrs: HashMap<Attrs, u32>,
     file_data: Vec<FileData>,
     /// Set once the first entry that did not fit was skipped (warned once).
     full: bool,
@@ -414,16 +436,17 @@ impl Builder {
             table: vec![EMPTY; table],
             table_used: 0,
             hasher: RandomState::new(),
-            metas: HashMap::new(),
+            attrs: HashMap::new(),
             file_data: Vec::new(),
             full: false,
         };
-        builder.metas.insert(implied_dir_meta(), 0);
+        builder.attrs.insert(implied_dir_attrs(), IMPLIED_DIR_ATTRS);
         builder.nodes.push(PackedNode {
             parent: ROOT_SLOT,
             nlink: 1,
-            meta: 0,
+            attrs: IMPLIED_DIR_ATTRS,
             name: NONE,
+            mtime: 0,
             kind: EMPTY_DIR,
         });
         builder
@@ -465,7 +488,7 @@ impl Builder {
         if entry.path.is_empty() {
             // `./` describes the root directory itself.
             if matches!(entry.kind, EntryKind::Dir) {
-                self.nodes[ROOT_SLOT as usize].meta = self.meta_id(entry)?;
+                self.set_attrs(ROOT_SLOT, entry)?;
             }
             return Ok(());
         }
@@ -478,7 +501,7 @@ impl Builder {
         }
         if let (EntryKind::Dir, Some(slot)) = (&entry.kind, existing) {
             if self.is_dir(slot) {
-                self.nodes[slot as usize].meta = self.meta_id(entry)?;
+                self.set_attrs(slot, entry)?;
                 return Ok(());
             }
         }
@@ -518,8 +541,8 @@ impl Builder {
             EntryKind::Fifo => Packed::Fifo,
             EntryKind::Hardlink { .. } => return Ok(()),
         };
-        let meta = self.meta_id(entry)?;
-        let slot = self.push(parent, meta, kind)?;
+        let attrs = self.attrs_id(entry)?;
+        let slot = self.push(parent, attrs, entry.mtime, kind)?;
         self.insert_child(parent, name, slot)
     }
 
@@ -555,13 +578,13 @@ impl Builder {
     }
 
     /// The shared attributes of `entry`, stored once per distinct value.
-    fn meta_id(&mut self, entry: &Entry) -> Result<u32, Full> {
-        let meta = meta_of(entry);
-        if let Some(&id) = self.metas.get(&meta) {
+    fn attrs_id(&mut self, entry: &Entry) -> Result<u32, Full> {
+        let attrs = attrs_of(entry);
+        if let Some(&id) = self.attrs.get(&attrs) {
             return Ok(id);
         }
-        let id = index_of(self.metas.len())?;
-        self.metas.insert(meta, id);
+        let id = index_of(self.attrs.len())?;
+        self.attrs.insert(attrs, id);
         Ok(id)
     }
 
@@ -572,13 +595,23 @@ impl Builder {
         Ok((start, bytes.len() as u32))
     }
 
-    fn push(&mut self, parent: u32, meta: u32, kind: Packed) -> Result<u32, Full> {
+    /// Gives an existing node the attributes of `entry`.
+    fn set_attrs(&mut self, slot: u32, entry: &Entry) -> Result<(), Full> {
+        let attrs = self.attrs_id(entry)?;
+        let node = &mut self.nodes[slot as usize];
+        node.attrs = attrs;
+        node.mtime = entry.mtime;
+        Ok(())
+    }
+
+    fn push(&mut self, parent: u32, attrs: u32, mtime: i64, kind: Packed) -> Result<u32, Full> {
         let slot = index_of(self.nodes.len())?;
         self.nodes.push(PackedNode {
             parent,
             nlink: 0,
-            meta,
+            attrs,
             name: NONE,
+            mtime,
             kind,
         });
         Ok(slot)
@@ -740,7 +773,7 @@ impl Builder {
     }
 
     fn new_dir(&mut self, parent: u32, name: &[u8]) -> Result<u32, Full> {
-        let slot = self.push(parent, 0, EMPTY_DIR)?;
+        let slot = self.push(parent, IMPLIED_DIR_ATTRS, 0, EMPTY_DIR)?;
         self.insert_child(parent, name, slot)?;
         Ok(slot)
     }
@@ -802,7 +835,7 @@ impl Builder {
             links,
             mut arena,
             table,
-            metas,
+            attrs,
             mut file_data,
             ..
         } = self;
@@ -824,25 +857,26 @@ impl Builder {
         permute(&mut nodes, &mut number);
         drop(number);
 
-        let mut metas_by_id: Vec<Option<Meta>> = vec![None; metas.len()];
-        for (meta, id) in metas {
-            metas_by_id[id as usize] = Some(meta);
+        let mut attrs_by_id: Vec<Option<Attrs>> = vec![None; attrs.len()];
+        for (value, id) in attrs {
+            attrs_by_id[id as usize] = Some(value);
         }
-        let mut meta_number = vec![NONE; metas_by_id.len()];
-        let mut out_metas = Vec::new();
+        // Only the attributes some reachable node has, numbered anew.
+        let mut attrs_number = vec![NONE; attrs_by_id.len()];
+        let mut out_attrs = Vec::new();
         for node in &mut nodes {
-            let Some(number) = meta_number.get_mut(node.meta as usize) else {
+            let Some(number) = attrs_number.get_mut(node.attrs as usize) else {
                 continue;
             };
             if *number == NONE {
-                *number = out_metas.len() as u32;
-                out_metas.push(
-                    metas_by_id[node.meta as usize]
+                *number = out_attrs.len() as u32;
+                out_attrs.push(
+                    attrs_by_id[node.attrs as usize]
                         .take()
-                        .unwrap_or_else(implied_dir_meta),
+                        .unwrap_or_else(implied_dir_attrs),
                 );
             }
-            node.meta = *number;
+            node.attrs = *number;
         }
         nodes.shrink_to_fit();
         arena.shrink_to_fit();
@@ -851,7 +885,7 @@ impl Builder {
             nodes,
             dirents,
             arena,
-            metas: out_metas,
+            attrs: out_attrs,
             file_data,
         }
     }
@@ -948,12 +982,11 @@ fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-fn meta_of(entry: &Entry) -> Meta {
-    Meta {
+fn attrs_of(entry: &Entry) -> Attrs {
+    Attrs {
         mode: entry.mode & 0o7777,
         uid: entry.uid,
         gid: entry.gid,
-        mtime: entry.mtime,
         mtime_nsec: entry.mtime_nsec,
         xattrs: entry
             .xattrs
@@ -963,14 +996,16 @@ fn meta_of(entry: &Entry) -> Meta {
     }
 }
 
-fn implied_dir_meta() -> Meta {
-    Meta {
+/// Id of [`implied_dir_attrs`] while building.
+const IMPLIED_DIR_ATTRS: u32 = 0;
+
+fn implied_dir_attrs() -> Attrs {
+    Attrs {
         mode: IMPLIED_DIR_MODE,
         uid: 0,
         gid: 0,
-        mtime: 0,
         mtime_nsec: 0,
-        xattrs: Vec::new(),
+        xattrs: Box::new([]),
     }
 }
 
@@ -1221,7 +1256,7 @@ mod tests {
         }
         assert_eq!(node.meta.xattrs.len(), 1);
         // The root's implied attributes, the three plain files', the sparse one's.
-        assert_eq!(tree.metas.len(), 3);
+        assert_eq!(tree.attrs.len(), 3);
     }
 
     #[test]
@@ -1237,5 +1272,22 @@ mod tests {
         assert_eq!(tree.get(ino).expect("node").parent, dir);
         assert_eq!(tree.first_name(ROOT), None);
         assert!(tree.is_dir(dir) && !tree.is_dir(ino));
+    }
+
+    #[test]
+    fn mtimes_are_per_node_and_other_attributes_shared() {
+        let entries: Vec<Entry> = (0..100)
+            .map(|i| Entry {
+                mtime: 1_600_000_000 + i,
+                ..file(&format!("f{i:03}"), 1)
+            })
+            .collect();
+        let tree = Tree::build(&[layer(entries)]);
+        for i in 0..100 {
+            let ino = tree.lookup_path(format!("f{i:03}").as_bytes()).expect("f");
+            let meta = tree.get(ino).expect("node").meta;
+            assert_eq!((meta.mtime, meta.mode), (1_600_000_000 + i, 0o644));
+        }
+        assert_eq!(tree.attrs.len(), 2, "the root's and the files'");
     }
 }
