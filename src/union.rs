@@ -23,6 +23,7 @@
 //! This module does no I/O: it takes indexes and gives a [`Tree`].
 
 use crate::layer::{Entry, EntryKind, FileData, Index};
+use memmap2::MmapMut;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -377,6 +378,134 @@ struct Link {
     next: u32,
 }
 
+/// Tables smaller than this stay on the heap (a mapping per tiny table
+/// would cost more than it gives back).
+const SCRATCH_MAP_MIN: usize = 64 * 1024;
+const U32_BYTES: usize = std::mem::size_of::<u32>();
+
+/// A growable table of `u32` used only while building. Once large it is
+/// its own anonymous mapping: the mount daemon lives long and freed heap
+/// memory stays resident in it, while a mapping goes back to the system
+/// when dropped. Values are stored inverted, so fresh zeroed memory (not
+/// even resident until written) reads as [`NONE`].
+struct Scratch {
+    bytes: ScratchBytes,
+    /// Values in use (the rest of `bytes` is room to grow).
+    len: usize,
+}
+
+enum ScratchBytes {
+    Map(MmapMut),
+    Heap(Vec<u8>),
+}
+
+impl Scratch {
+    /// `len` values of [`NONE`], with room for `capacity`.
+    fn new(len: usize, capacity: usize) -> Scratch {
+        let size = capacity.max(len).saturating_mul(U32_BYTES);
+        let bytes = match size {
+            size if size >= SCRATCH_MAP_MIN => MmapMut::map_anon(size)
+                .map(ScratchBytes::Map)
+                .unwrap_or_else(|_| ScratchBytes::Heap(vec![0; size])),
+            size => ScratchBytes::Heap(vec![0; size]),
+        };
+        Scratch { bytes, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            ScratchBytes::Map(map) => map,
+            ScratchBytes::Heap(vec) => vec,
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match &mut self.bytes {
+            ScratchBytes::Map(map) => map,
+            ScratchBytes::Heap(vec) => vec,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, i: usize) -> u32 {
+        let at = i * U32_BYTES;
+        let mut word = [0; U32_BYTES];
+        word.copy_from_slice(&self.bytes()[at..at + U32_BYTES]);
+        !u32::from_ne_bytes(word)
+    }
+
+    fn set(&mut self, i: usize, value: u32) {
+        let at = i * U32_BYTES;
+        self.bytes_mut()[at..at + U32_BYTES].copy_from_slice(&(!value).to_ne_bytes());
+    }
+
+    fn push(&mut self, value: u32) {
+        if (self.len + 1) * U32_BYTES > self.bytes().len() {
+            let mut bigger = Scratch::new(self.len, (self.len * 2).max(MIN_SCRATCH_GROWTH));
+            let used = self.len * U32_BYTES;
+            bigger.bytes_mut()[..used].copy_from_slice(&self.bytes()[..used]);
+            *self = bigger;
+        }
+        self.len += 1;
+        self.set(self.len - 1, value);
+    }
+
+    fn pop(&mut self) -> Option<u32> {
+        let last = self.len.checked_sub(1)?;
+        let value = self.get(last);
+        self.len = last;
+        Some(value)
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        let (x, y) = (self.get(a), self.get(b));
+        self.set(a, y);
+        self.set(b, x);
+    }
+}
+
+/// Values a growing [`Scratch`] makes room for at least.
+const MIN_SCRATCH_GROWTH: usize = 16;
+
+/// The builder's links, [`LINK_FIELDS`] values each in a [`Scratch`].
+struct Links(Scratch);
+
+const LINK_FIELDS: usize = 5;
+
+impl Links {
+    fn with_capacity(links: usize) -> Links {
+        Links(Scratch::new(0, links.saturating_mul(LINK_FIELDS)))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len() / LINK_FIELDS
+    }
+
+    fn get(&self, l: u32) -> Link {
+        let at = l as usize * LINK_FIELDS;
+        Link {
+            dir: self.0.get(at),
+            node: self.0.get(at + 1),
+            name: self.0.get(at + 2),
+            len: self.0.get(at + 3),
+            next: self.0.get(at + 4),
+        }
+    }
+
+    fn push(&mut self, link: Link) {
+        for value in [link.dir, link.node, link.name, link.len, link.next] {
+            self.0.push(value);
+        }
+    }
+
+    fn set_node(&mut self, l: u32, node: u32) {
+        self.0.set(l as usize * LINK_FIELDS + 1, node);
+    }
+}
+
 /// Free and deleted slots of the builder's name table.
 const EMPTY: u32 = u32::MAX;
 const TOMBSTONE: u32 = u32::MAX - 1;
@@ -389,10 +518,10 @@ const MIN_TABLE_SIZE: usize = 1024;
 /// building. [`Builder::freeze`] reorders the nodes in place.
 struct Builder {
     nodes: Vec<PackedNode>,
-    links: Vec<Link>,
+    links: Links,
     arena: Vec<u8>,
     /// Link positions, [`EMPTY`] or [`TOMBSTONE`]; a power of two long.
-    table: Vec<u32>,
+    table: Scratch,
     /// Slots that are not `EMPTY` (live and tombstones).
     table_used: usize,
     hasher: RandomState,
@@ -431,9 +560,9 @@ impl Builder {
         let table = (items * 2).max(MIN_TABLE_SIZE).next_power_of_two();
         let mut builder = Builder {
             nodes: Vec::with_capacity(items),
-            links: Vec::with_capacity(items),
+            links: Links::with_capacity(items),
             arena: Vec::with_capacity(name_bytes + IMPLIED_NAMES_ROOM),
-            table: vec![EMPTY; table],
+            table: Scratch::new(table, table),
             table_used: 0,
             hasher: RandomState::new(),
             attrs: HashMap::new(),
@@ -634,12 +763,12 @@ impl Builder {
         let mask = self.table.len() - 1;
         let mut i = self.hash(dir, name) & mask;
         loop {
-            match self.table[i] {
+            match self.table.get(i) {
                 EMPTY => return None,
                 TOMBSTONE => {}
                 l => {
-                    let link = &self.links[l as usize];
-                    if link.dir == dir && self.link_name(link) == name {
+                    let link = self.links.get(l);
+                    if link.dir == dir && self.link_name(&link) == name {
                         return Some(i);
                     }
                 }
@@ -653,32 +782,33 @@ impl Builder {
         if (self.table_used + 1) * 2 > self.table.len() {
             self.rehash();
         }
-        let link = self.links[l as usize];
+        let link = self.links.get(l);
         let mask = self.table.len() - 1;
         let mut i = self.hash(link.dir, self.link_name(&link)) & mask;
-        while self.table[i] != EMPTY && self.table[i] != TOMBSTONE {
+        while !matches!(self.table.get(i), EMPTY | TOMBSTONE) {
             i = (i + 1) & mask;
         }
-        if self.table[i] == EMPTY {
+        if self.table.get(i) == EMPTY {
             self.table_used += 1;
         }
-        self.table[i] = l;
+        self.table.set(i, l);
     }
 
     /// Rebuilds the table without tombstones, at least four slots per live
     /// link so it stays at most half full until the next rebuild.
     fn rehash(&mut self) {
-        let live: Vec<u32> = self
-            .table
-            .iter()
-            .copied()
-            .filter(|&l| l != EMPTY && l != TOMBSTONE)
-            .collect();
-        let size = (live.len() * 4).max(MIN_TABLE_SIZE).next_power_of_two();
-        self.table = vec![EMPTY; size];
+        let live_link = |l: u32| !matches!(l, EMPTY | TOMBSTONE);
+        let live = (0..self.table.len())
+            .filter(|&i| live_link(self.table.get(i)))
+            .count();
+        let size = (live * 4).max(MIN_TABLE_SIZE).next_power_of_two();
+        let old = std::mem::replace(&mut self.table, Scratch::new(size, size));
         self.table_used = 0;
-        for l in live {
-            self.table_insert(l);
+        for i in 0..old.len() {
+            let l = old.get(i);
+            if live_link(l) {
+                self.table_insert(l);
+            }
         }
     }
 
@@ -687,7 +817,7 @@ impl Builder {
             return None;
         }
         let slot = self.find_slot(dir, name)?;
-        Some(self.links[self.table[slot] as usize].node)
+        Some(self.links.get(self.table.get(slot)).node)
     }
 
     fn insert_child(&mut self, dir: u32, name: &[u8], node: u32) -> Result<(), Full> {
@@ -712,9 +842,10 @@ impl Builder {
 
     /// Unlinks the live link in table slot `slot`; returns its node.
     fn unlink_slot(&mut self, slot: usize) -> u32 {
-        let l = self.table[slot] as usize;
-        self.table[slot] = TOMBSTONE;
-        let node = std::mem::replace(&mut self.links[l].node, NONE);
+        let l = self.table.get(slot);
+        self.table.set(slot, TOMBSTONE);
+        let node = self.links.get(l).node;
+        self.links.set_node(l, NONE);
         let child = &mut self.nodes[node as usize];
         child.nlink = child.nlink.saturating_sub(1);
         node
@@ -741,7 +872,7 @@ impl Builder {
             self.nodes[dir as usize].kind = EMPTY_DIR;
             let mut l = first;
             while l != NONE {
-                let link = self.links[l as usize];
+                let link = self.links.get(l);
                 if link.node != NONE {
                     if let Some(slot) = self.find_slot(dir, self.link_name(&link)) {
                         pending.push(self.unlink_slot(slot));
@@ -841,14 +972,13 @@ impl Builder {
         } = self;
         drop(table);
         let (mut number, dirent_links) = number_nodes(&mut nodes, &links, &arena);
-        let dirents: Vec<Dirent> = dirent_links
-            .iter()
-            .map(|&l| {
-                let link = &links[l as usize];
+        let dirents: Vec<Dirent> = (0..dirent_links.len())
+            .map(|i| {
+                let link = links.get(dirent_links.get(i));
                 Dirent {
                     name: link.name,
                     len: link.len,
-                    node: number[link.node as usize],
+                    node: number.get(link.node as usize),
                 }
             })
             .collect();
@@ -902,50 +1032,62 @@ const EMPTY_DIR: Packed = Packed::Dir {
 /// by creation slot; [`NONE`] when unreachable) and its final fields:
 /// parent and first name as final positions, a directory's children as a
 /// run of the result's second part (the final dirents, as links).
-fn number_nodes(nodes: &mut [PackedNode], links: &[Link], arena: &[u8]) -> (Vec<u32>, Vec<u32>) {
-    let mut number = vec![NONE; nodes.len()];
-    let mut dirents: Vec<u32> = Vec::with_capacity(links.len());
+fn number_nodes(nodes: &mut [PackedNode], links: &Links, arena: &[u8]) -> (Scratch, Scratch) {
+    let mut number = Scratch::new(nodes.len(), nodes.len());
+    let mut dirents = Scratch::new(0, links.len());
     let name = |l: u32| {
-        let link = &links[l as usize];
+        let link = links.get(l);
         arena_slice(arena, link.name, link.len)
     };
+    // One directory's live links at a time, to sort them.
+    let mut children: Vec<u32> = Vec::new();
     let mut next = 0u32;
-    let mut stack = vec![(ROOT_SLOT, ROOT_SLOT, NONE)];
-    while let Some((slot, parent, dirent)) = stack.pop() {
-        if number[slot as usize] != NONE {
+    // Frames of (slot, parent position, dirent).
+    let mut stack = Scratch::new(0, 0);
+    for value in [ROOT_SLOT, ROOT_SLOT, NONE] {
+        stack.push(value);
+    }
+    while let (Some(dirent), Some(parent), Some(slot)) = (stack.pop(), stack.pop(), stack.pop()) {
+        if number.get(slot as usize) != NONE {
             continue; // a second name of a hardlinked file
         }
         let position = next;
         next += 1;
-        number[slot as usize] = position;
+        number.set(slot as usize, position);
         nodes[slot as usize].parent = parent;
         nodes[slot as usize].name = dirent;
         let Packed::Dir { first, .. } = nodes[slot as usize].kind else {
             continue;
         };
-        let start = dirents.len();
-        let mut subdirs = 0u32;
+        children.clear();
         let mut l = first;
         while l != NONE {
-            let link = &links[l as usize];
+            let link = links.get(l);
             if link.node != NONE {
-                dirents.push(l);
-                if matches!(nodes[link.node as usize].kind, Packed::Dir { .. }) {
-                    subdirs += 1;
-                }
+                children.push(l);
             }
             l = link.next;
         }
-        dirents[start..].sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
+        children.sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
+        let start = dirents.len();
+        let mut subdirs = 0u32;
+        for &l in &children {
+            dirents.push(l);
+            let child = links.get(l).node;
+            if matches!(nodes[child as usize].kind, Packed::Dir { .. }) {
+                subdirs += 1;
+            }
+        }
         let node = &mut nodes[slot as usize];
         node.kind = Packed::Dir {
             first: start as u32,
-            count: (dirents.len() - start) as u32,
+            count: children.len() as u32,
         };
         node.nlink = 2u32.saturating_add(subdirs);
-        for at in (start..dirents.len()).rev() {
-            let child = links[dirents[at] as usize].node;
-            stack.push((child, position, at as u32));
+        for (at, &l) in children.iter().enumerate().rev() {
+            for value in [links.get(l).node, position, (start + at) as u32] {
+                stack.push(value);
+            }
         }
     }
     (number, dirents)
@@ -953,13 +1095,13 @@ fn number_nodes(nodes: &mut [PackedNode], links: &[Link], arena: &[u8]) -> (Vec<
 
 /// Moves every node to its final position (`number`, consumed) and drops
 /// the unreachable ones, without a second table.
-fn permute(nodes: &mut Vec<PackedNode>, number: &mut [u32]) {
-    let reachable = number.iter().filter(|&&n| n != NONE).count();
+fn permute(nodes: &mut Vec<PackedNode>, number: &mut Scratch) {
+    let reachable = (0..number.len()).filter(|&i| number.get(i) != NONE).count();
     for i in 0..nodes.len() {
         // Each swap puts one node in its place; an unreachable one is left
         // at `i` until a later node claims `i`.
         loop {
-            let target = number[i];
+            let target = number.get(i);
             if target == NONE || target as usize == i {
                 break;
             }
@@ -1289,5 +1431,23 @@ mod tests {
             assert_eq!((meta.mtime, meta.mode), (1_600_000_000 + i, 0o644));
         }
         assert_eq!(tree.attrs.len(), 2, "the root's and the files'");
+    }
+
+    #[test]
+    fn scratch_tables_grow_from_heap_to_mapping_and_start_as_none() {
+        const VALUES: u32 = 100_000;
+        let mut table = Scratch::new(3, 0);
+        assert_eq!((table.get(0), table.get(2)), (NONE, NONE));
+        for v in 0..VALUES {
+            table.push(v);
+        }
+        assert!(matches!(table.bytes, ScratchBytes::Map(_)));
+        assert_eq!(table.len(), 3 + VALUES as usize);
+        assert_eq!((table.get(2), table.get(3), table.get(4)), (NONE, 0, 1));
+        table.swap(3, 4);
+        assert_eq!((table.get(3), table.get(4)), (1, 0));
+        assert_eq!(table.pop(), Some(VALUES - 1));
+        let big = Scratch::new(VALUES as usize, VALUES as usize);
+        assert!((0..VALUES as usize).all(|i| big.get(i) == NONE));
     }
 }
