@@ -14,11 +14,12 @@
 //!   `lib -> usr/lib` followed by `lib/x` lands in `usr/lib/x`.
 //!
 //! A mount holds its tree for its whole life, so the tree is a few flat
-//! tables rather than one allocation per entry: 40-byte nodes, 12-byte
-//! directory entries (each directory's children are one sorted run), all
-//! names and symlink targets in one byte arena, and attributes shared by
-//! every node that has the same ones (most of an image shares a handful).
-//! [`Node`] is a view over those tables.
+//! tables rather than one allocation per entry: 48-byte nodes (with the
+//! mtime), 12-byte directory entries (each directory's children are one
+//! sorted run), all names and symlink targets in one byte arena, and the
+//! other attributes stored once per distinct value (most of an image shares
+//! a handful). [`Node`] is a view over those tables. Building uses tables of
+//! its own that are returned to the system when it ends (see `Scratch`).
 //!
 //! This module does no I/O: it takes indexes and gives a [`Tree`].
 
