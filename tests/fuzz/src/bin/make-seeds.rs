@@ -61,7 +61,44 @@ fn main() -> std::io::Result<()> {
         indexes.push([&[1u8][..], &file].concat());
         indexes.push([&[0u8][..], &body].concat());
     }
-    write_all(&root.join("index_decode"), indexes.into_iter())
+    write_all(&root.join("index_decode"), indexes.into_iter())?;
+    let tocs = tocs();
+    write_all(
+        &root.join("toc"),
+        tocs.iter().flat_map(|t| {
+            [
+                [&[TOC_ESTARGZ][..], t].concat(),
+                [&[TOC_ZSTD][..], t].concat(),
+            ]
+        }),
+    )
+}
+
+/// Mode bytes of the toc target: eStargz / zstd:chunked, 512 bytes of data first.
+const TOC_ESTARGZ: u8 = 0x02;
+const TOC_ZSTD: u8 = 0x03;
+
+/// TOCs as eStargz and zstd:chunked write them: every entry kind, a file
+/// in two chunks, xattrs, and an empty layer (Go's `null` list).
+fn tocs() -> Vec<Vec<u8>> {
+    let d = |c: &str| format!("sha256:{}", c.repeat(64));
+    let full = format!(
+        r#"{{"version":1,"entries":[{{"name":"bin/","type":"dir","mode":493,"modtime":"2024-01-02T03:04:05Z"}},{{"name":"bin/hello","type":"reg","size":10,"mode":420,"uid":1,"gid":2,"offset":40,"digest":"{a}","chunkDigest":"{a}","xattrs":{{"user.k":"dg=="}}}},{{"name":"bin/link","type":"symlink","linkName":"hello"}},{{"name":"bin/hard","type":"hardlink","linkName":"bin/hello"}},{{"name":"dev/null","type":"char","devMajor":1,"devMinor":3}},{{"name":"fifo","type":"fifo"}},{{"name":"big","type":"reg","size":20,"offset":100,"chunkSize":10,"digest":"{b}","chunkDigest":"{c}"}},{{"name":"big","type":"chunk","offset":200,"chunkOffset":10,"chunkSize":10,"chunkDigest":"{e}"}},{{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"chunkDigest":"{f}"}}]}}"#,
+        a = d("a"),
+        b = d("b"),
+        c = d("c"),
+        e = d("e"),
+        f = d("f"),
+    );
+    let zeros = format!(
+        r#"{{"version":1,"entries":[{{"name":"z","type":"reg","size":4096,"offset":0,"endOffset":0,"chunkSize":4096,"chunkType":"zeros","chunkDigest":"{}"}}]}}"#,
+        d("0")
+    );
+    let empty = r#"{"version":1,"entries":null}"#.to_string();
+    [full, zeros, empty]
+        .into_iter()
+        .map(String::into_bytes)
+        .collect()
 }
 
 fn write_all(dir: &Path, seeds: impl Iterator<Item = Vec<u8>>) -> std::io::Result<()> {
