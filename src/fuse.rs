@@ -705,13 +705,31 @@ impl Filesystem for Adapter {
             .fs
             .create(parent.0, name.as_bytes(), mode, flags, caller(req))
         {
-            Ok((attr, fh)) => reply.created(
-                &self.ttl,
-                &file_attr(&attr),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((attr, fh)) => {
+                // Like open: the kernel fails an open with EIO if one inode
+                // mixes passthrough and cached opens, and the create's handle
+                // is still open (its RELEASE is asynchronous) when the file
+                // is opened again, so it must be counted either way.
+                let entry = file_attr(&attr);
+                if let Some(id) = self.passthrough_id(attr.ino, fh, |f| reply.open_backing(f)) {
+                    return reply.created_passthrough(
+                        &self.ttl,
+                        &entry,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    );
+                }
+                self.backing().cached_open(attr.ino);
+                reply.created(
+                    &self.ttl,
+                    &entry,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                );
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
