@@ -27,6 +27,7 @@ const BLOBS: &str = "blobs";
 const SPILL: &str = "spill";
 const LOCKS: &str = "locks";
 const TMP: &str = "tmp";
+const FILES: &str = "files";
 /// The system-wide cache when running as root.
 const SYSTEM_ROOT: &str = "/var/cache/imgfs";
 
@@ -85,6 +86,11 @@ impl Cache {
 
     pub fn blob_path(&self, layer: &Digest) -> PathBuf {
         self.root.join(BLOBS).join(layer.hex())
+    }
+
+    /// Where image files read whole are kept as plain files (`materialize`).
+    pub fn files_root(&self) -> PathBuf {
+        self.root.join(FILES)
     }
 
     pub fn spill_path(&self, layer: &Digest) -> PathBuf {

@@ -8,7 +8,9 @@
 //! here is tested without a mount.
 
 use crate::layer::LayerReader;
+use crate::materialize::{Key, Materializer};
 use crate::union::{Ino, Node, NodeKind, ROOT, Tree};
+use std::sync::Arc;
 
 /// Block size reported by `stat` and `statfs`.
 pub const BLOCK: u32 = 4096;
@@ -88,8 +90,10 @@ pub struct StatFs {
 pub struct ImageFs {
     tree: Tree,
     /// One reader per layer, indexed by the layer's position in the stack.
-    readers: Vec<LayerReader>,
+    readers: Vec<Arc<LayerReader>>,
     statfs: StatFs,
+    /// Keeps files that are read whole as plain files (see `materialize`).
+    materializer: Option<Arc<Materializer>>,
 }
 
 impl ImageFs {
@@ -108,9 +112,28 @@ impl ImageFs {
         };
         ImageFs {
             tree,
-            readers,
+            readers: readers.into_iter().map(Arc::new).collect(),
             statfs,
+            materializer: None,
         }
+    }
+
+    /// Keeps files that reads go through whole as plain files in the cache,
+    /// for [`Self::kept_whole`].
+    pub fn with_materializer(mut self, materializer: Arc<Materializer>) -> ImageFs {
+        self.materializer = Some(materializer);
+        self
+    }
+
+    /// The plain file holding `ino`'s bytes, if it was kept whole.
+    pub fn kept_whole(&self, ino: Ino) -> Option<std::fs::File> {
+        let materializer = self.materializer.as_ref()?;
+        let node = self.node(ino).ok()?;
+        let NodeKind::File { size, layer, data } = node.kind else {
+            return None;
+        };
+        let reader = self.readers.get(layer as usize)?;
+        materializer.open(&Key::of(reader.index().layer_digest, size, &data)?)
     }
 
     pub fn tree(&self) -> &Tree {
@@ -233,12 +256,18 @@ impl ImageFs {
             return Ok(Vec::new());
         }
         let reader = self.readers.get(layer as usize).ok_or(Errno::EIO)?;
-        reader
+        let bytes = reader
             .read_file(file_size, &data, offset, size as usize)
             .map_err(|e| {
                 tracing::error!(ino, offset, size, error = %e, "read failed");
                 Errno::EIO
-            })
+            })?;
+        if let Some(materializer) = &self.materializer
+            && let Some(key) = Key::of(reader.index().layer_digest, file_size, &data)
+        {
+            materializer.served(key, bytes.len() as u64, &data, reader);
+        }
+        Ok(bytes)
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<&[u8], Errno> {

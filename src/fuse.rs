@@ -45,7 +45,8 @@ pub struct FuseOptions {
     /// with its own permissions (needs root or `user_allow_other`).
     pub allow_other: bool,
     pub threads: usize,
-    /// Ask for FUSE passthrough of upper files (root, Linux ≥ 6.9).
+    /// Ask for FUSE passthrough of upper files and of image files kept
+    /// whole in the cache (root, Linux ≥ 6.9).
     pub passthrough: bool,
 }
 
@@ -54,7 +55,8 @@ struct Adapter {
     /// Entry and attribute lifetime in the kernel: long for a read-only
     /// mount (nothing ever changes), short for a writable one.
     ttl: Duration,
-    /// Upper files are served by the kernel straight from the backing file
+    /// Upper files and kept image files are served by the kernel straight
+    /// from the backing file
     /// (FUSE passthrough) when the kernel agreed to it in `init`.
     passthrough: bool,
     backing: Mutex<Backing>,
@@ -298,12 +300,13 @@ impl Filesystem for Adapter {
             }
         }
         let _ = config.set_max_readahead(MAX_READAHEAD);
-        if self.passthrough && self.fs.is_writable() {
+        // Upper files, and image files kept whole in the cache.
+        if self.passthrough {
             // Depth 2: the upper may itself live on an overlayfs.
             let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(PASSTHROUGH_STACK_DEPTH).is_ok();
             if !granted {
-                tracing::info!("kernel refused FUSE passthrough; upper files go through imgfs");
+                tracing::info!("kernel refused FUSE passthrough; every read goes through imgfs");
             }
             self.passthrough = granted;
         } else {

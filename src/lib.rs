@@ -29,6 +29,7 @@ pub mod fs;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod materialize;
 pub mod mount;
 pub mod overlay;
 pub mod record;

@@ -14,6 +14,7 @@ use crate::image::{self, ImageError, LayerDescriptor, Platform, ResolvedImage};
 use crate::layer::{
     self, Access, BlobSource, Compression, Index, IndexOptions, LayerError, LayerReader, toc,
 };
+use crate::materialize::Materializer;
 use crate::reference::Reference;
 use crate::registry::{BlobLocator, Client, RegistryError};
 use crate::source::{BlockSource, Demand, RangeFetcher, SpillSource};
@@ -464,7 +465,12 @@ pub fn filesystem(
         }));
         readers.push(LayerReader::new(Arc::new(without_entries(index)), source));
     }
-    Ok((ImageFs::new(tree, readers), RemoteLayers(remote)))
+    let mut image = ImageFs::new(tree, readers);
+    match Materializer::start(cache.files_root()) {
+        Ok(materializer) => image = image.with_materializer(Arc::new(materializer)),
+        Err(e) => tracing::warn!(error = %e, "image files will not be kept whole"),
+    }
+    Ok((image, RemoteLayers(remote)))
 }
 
 /// The index without its tar entries, copied only if someone else holds it.

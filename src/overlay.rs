@@ -48,6 +48,8 @@ pub struct Caller {
 enum Handle {
     /// An upper file, with the inode it was opened as.
     Upper(Ino, Arc<std::fs::File>),
+    /// An image file kept whole in the cache (read-only, see `materialize`).
+    Kept(Arc<std::fs::File>),
     Dir(Arc<Vec<Listed>>),
 }
 
@@ -598,8 +600,14 @@ impl OverlayFs {
         match (&self.upper, inode.upper) {
             (Some(upper), true) => self.open_upper(upper, ino, flags),
             _ => {
-                self.lower.open(inode.lower.ok_or(Errno::ENOENT)?, false)?;
-                Ok((0, true))
+                let lower = inode.lower.ok_or(Errno::ENOENT)?;
+                self.lower.open(lower, false)?;
+                // A file kept whole is read from disk (by the kernel itself
+                // when passthrough is on); others through the layer reader.
+                match self.lower.kept_whole(lower) {
+                    Some(file) => Ok((self.add_handle(Handle::Kept(Arc::new(file))), true)),
+                    None => Ok((0, true)),
+                }
             }
         }
     }
@@ -635,10 +643,11 @@ impl OverlayFs {
         Ok((attr, fh))
     }
 
-    /// The upper file behind an open handle (for FUSE passthrough).
+    /// The plain file behind an open handle (for FUSE passthrough): an
+    /// upper file, or an image file kept whole.
     pub fn file(&self, fh: u64) -> Result<Arc<std::fs::File>, Errno> {
         match self.state().handles.get(&fh) {
-            Some(Handle::Upper(_, file)) => Ok(file.clone()),
+            Some(Handle::Upper(_, file) | Handle::Kept(file)) => Ok(file.clone()),
             _ => Err(Errno(libc::EBADF)),
         }
     }

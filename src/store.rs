@@ -99,9 +99,12 @@ mod digest_text {
 /// Disk space one layer takes in the cache.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LayerUsage {
-    /// Allocated bytes of the sparse blob file.
+    /// Allocated bytes of the sparse blob file and of the layer's files kept
+    /// whole (`files` of them).
     #[serde(rename = "cached_data")]
     pub data: u64,
+    #[serde(skip)]
+    pub files: u64,
     pub spill: u64,
     pub index: u64,
 }
@@ -298,10 +301,22 @@ fn allocated(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Disk space of the files directly in `dir`.
+fn allocated_tree(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| allocated(&e.path()))
+        .sum()
+}
+
 /// Disk space `layer` takes now.
 pub fn layer_usage(cache: &Cache, layer: &Digest) -> LayerUsage {
+    let files = allocated_tree(&crate::materialize::layer_dir(&cache.files_root(), layer));
     LayerUsage {
-        data: allocated(&cache.blob_path(layer)),
+        data: allocated(&cache.blob_path(layer)) + files,
+        files,
         spill: allocated(&cache.spill_path(layer)),
         index: allocated(&cache.index_path(layer)),
     }
@@ -351,7 +366,9 @@ fn evict(cache: &Cache, layer: &Digest, with_index: bool) -> u64 {
     };
     let usage = layer_usage(cache, layer);
     let mut freed = 0;
-    let _ = fs::remove_file(cache.blob_path(layer)).map(|()| freed += usage.data);
+    let _ = fs::remove_file(cache.blob_path(layer)).map(|()| freed += usage.data - usage.files);
+    let kept = crate::materialize::layer_dir(&cache.files_root(), layer);
+    let _ = fs::remove_dir_all(kept).map(|()| freed += usage.files);
     if usage.spill > 0 || with_index {
         // An index that points at a spill is useless without it.
         let _ = fs::remove_file(cache.spill_path(layer)).map(|()| freed += usage.spill);
