@@ -561,16 +561,7 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, kind: EntryKind) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            mtime_nsec: 0,
-            xattrs: Vec::new(),
-        }
+        Entry::plain(path, kind)
     }
 
     #[test]

@@ -1159,16 +1159,7 @@ mod tests {
     use crate::layer::{Access, INDEX_VERSION, Index};
 
     fn entry(path: &str, kind: EntryKind) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            mtime_nsec: 0,
-            xattrs: vec![],
-        }
+        Entry::plain(path, kind)
     }
     fn dir(path: &str) -> Entry {
         Entry {

@@ -10,7 +10,6 @@ mod common;
 use common::*;
 use std::fs;
 use std::io::Write;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -138,30 +137,9 @@ fn a_decompression_bomb_mounts_in_bounded_memory() {
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, BOMB_BYTES / 2 + 12345)
         .expect("read the middle");
     assert!(buf.iter().all(|&b| b == 0));
-    let rss = daemon_rss_kib(mount.path());
+    let rss = rss_kib(daemon_pid(mount.path()));
     eprintln!("bomb: daemon RSS {rss} KiB");
     assert!(rss < BOMB_RSS_KIB, "daemon RSS {rss} KiB");
-}
-
-fn daemon_rss_kib(mountpoint: &Path) -> u64 {
-    let out = run_ok(Command::new(IMGFS).args(["ps", "--json"]), SHORT);
-    let list: serde_json::Value = serde_json::from_str(&out.stdout).expect("ps JSON");
-    let wanted = mountpoint.to_string_lossy();
-    let pid = list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["mountpoint"].as_str() == Some(&*wanted))
-        .and_then(|m| m["pid"].as_u64())
-        .expect("ps lists the mount");
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// PUTs a manifest or index document and returns its digest.

@@ -25,18 +25,6 @@ const FD_SLACK: usize = 8;
 const RSS_SLACK_KIB: u64 = 96 * 1024;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn daemon_pid(mountpoint: &Path) -> u32 {
-    let out = run_ok(Command::new(IMGFS).args(["ps", "--json"]), SHORT);
-    let list: serde_json::Value = serde_json::from_str(&out.stdout).expect("ps JSON");
-    let wanted = mountpoint.to_string_lossy();
-    list.as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["mountpoint"].as_str() == Some(&*wanted))
-        .and_then(|m| m["pid"].as_u64())
-        .expect("imgfs ps lists the mount") as u32
-}
-
 /// The daemon's log (warnings and errors), for failure messages.
 fn daemon_log(cache: &Path) -> String {
     fs::read_dir(cache.join("logs"))
@@ -51,17 +39,6 @@ fn daemon_log(cache: &Path) -> String {
 fn fd_count(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
         .unwrap_or(0)
 }
 

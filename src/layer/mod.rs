@@ -187,6 +187,23 @@ pub enum EntryKind {
     Fifo,
 }
 
+#[cfg(test)]
+impl Entry {
+    /// An entry owned by root, mode 0644, mtime 0, no xattrs (for tests).
+    pub fn plain(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            xattrs: Vec::new(),
+        }
+    }
+}
+
 /// Where a regular file's bytes live in the uncompressed tar stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FileData {

@@ -1227,3 +1227,28 @@ pub fn flip_byte(path: &Path, offset: u64) {
     f.seek(std::io::SeekFrom::Start(offset)).expect("seek");
     f.write_all(&byte).expect("write byte");
 }
+
+/// The pid of the daemon serving `mountpoint`, from `imgfs ps --json`.
+pub fn daemon_pid(mountpoint: &Path) -> u32 {
+    let out = run_ok(Command::new(IMGFS).args(["ps", "--json"]), SHORT);
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).expect("ps JSON");
+    let wanted = mountpoint.to_string_lossy();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountpoint"].as_str() == Some(&*wanted))
+        .and_then(|m| m["pid"].as_u64())
+        .expect("imgfs ps lists the mount") as u32
+}
+
+/// Resident memory of process `pid` in KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
