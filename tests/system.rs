@@ -385,7 +385,14 @@ fn lazy_unmount_case(reference: &str, cache: &Path, how: Detach) {
         "{how:?}: the upper lacks what was written"
     );
     if let Some(log) = log {
-        let text = fs::read_to_string(&log).unwrap_or_default();
+        // A reply to a request the kernel already dropped (interrupted, or the
+        // connection ending) fails with ENOENT: fuser logs it, nothing is lost.
+        let text: String = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !(l.contains("Failed to send FUSE reply") && l.contains("(os error 2)")))
+            .collect::<Vec<_>>()
+            .join("\n");
         assert!(
             !text.contains("panicked") && !text.contains("ERROR"),
             "{how:?}: the daemon's log {} shows a failure:\n{text}",
