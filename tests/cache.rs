@@ -123,15 +123,7 @@ fn push_sharing(reg: &Registry, dir: &Path) -> (String, String, Vec<(String, Str
         build.arg(reg.blob_path(digest));
     }
     run_ok(&mut build, MOUNT_TIMEOUT);
-    let b = reg.reference("b:latest");
-    run_ok(
-        Command::new(script("make-test-image"))
-            .arg("push")
-            .arg(format!("{}:latest", layout.display()))
-            .arg(&b)
-            .args(["--compress", "keep"]),
-        MOUNT_TIMEOUT,
-    );
+    let b = push_layout(reg, &layout, "b:latest");
     (a, b, layers)
 }
 

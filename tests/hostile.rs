@@ -65,16 +65,7 @@ fn push_layer(reg: &Registry, name: &str, layer: &[u8]) -> String {
             .arg(&file),
         MOUNT_TIMEOUT,
     );
-    let reference = reg.reference(name);
-    run_ok(
-        Command::new(script("make-test-image"))
-            .arg("push")
-            .arg(format!("{}:latest", layout.display()))
-            .arg(&reference)
-            .args(["--compress", "keep"]),
-        MOUNT_TIMEOUT,
-    );
-    reference
+    push_layout(reg, &layout, name)
 }
 
 fn expect_failure(reference: &str, words: &[&str]) {

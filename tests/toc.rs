@@ -397,14 +397,7 @@ fn images_from_the_reference_tools_mount_lazily() {
             .arg(format!("oci:{}:latest", oci.display())),
         MOUNT_TIMEOUT,
     );
-    run_ok(
-        Command::new(script("make-test-image"))
-            .arg("push")
-            .arg(format!("{}:latest", oci.display()))
-            .arg(reg.reference("bb:skopeo-zc"))
-            .args(["--compress", "keep"]),
-        MOUNT_TIMEOUT,
-    );
+    push_layout(&reg, &oci, "bb:skopeo-zc");
     made.push(("bb:skopeo-zc".to_string(), "zstd:chunked"));
     for (name, format) in made {
         assert_eq!(layer_formats(&reg, &name), [format], "{name}");

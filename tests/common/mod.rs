@@ -1252,3 +1252,18 @@ pub fn rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Pushes the OCI layout at `layout` (tag `latest`) to `reg` as `name`,
+/// every blob as it is; returns the reference.
+pub fn push_layout(reg: &Registry, layout: &Path, name: &str) -> String {
+    let reference = reg.reference(name);
+    run_ok(
+        Command::new(script("make-test-image"))
+            .arg("push")
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&reference)
+            .args(["--compress", "keep"]),
+        MOUNT_TIMEOUT,
+    );
+    reference
+}
