@@ -23,11 +23,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long the kernel may trust what we told it: the image never changes.
+/// How long the kernel may trust an entry, an attribute or an absent name.
+/// The image never changes, and a writable mount's upper changes only
+/// through this mount (as overlayfs, we do not support editing the upper
+/// behind its back): the kernel sees every change as it makes it and drops
+/// or updates what it cached (create, unlink, rename, setattr, write). A
+/// copy-up keeps the inode number and every name of a hardlink, so nothing
+/// it cached goes stale.
 const TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// The same for a writable mount. Every change goes through us, so this
-/// only bounds how stale `nlink`/`ctime` of other names can look.
-const WRITABLE_TTL: Duration = Duration::from_secs(1);
+/// Node id 0 in a lookup reply: a negative entry the kernel keeps for the
+/// TTL, so a program probing paths that do not exist (the dynamic loader,
+/// python's sys.path) asks us once per name.
+const NEGATIVE_ENTRY: INodeNo = INodeNo(0);
 /// Largest read the kernel sends and readahead it does (bytes).
 const MAX_READAHEAD: u32 = 1024 * 1024;
 /// How many filesystems may stack under a passthrough file (the kernel's
@@ -52,9 +59,6 @@ pub struct FuseOptions {
 
 struct Adapter {
     fs: OverlayFs,
-    /// Entry and attribute lifetime in the kernel: long for a read-only
-    /// mount (nothing ever changes), short for a writable one.
-    ttl: Duration,
     /// Upper files and kept image files are served by the kernel straight
     /// from the backing file
     /// (FUSE passthrough) when the kernel agreed to it in `init`.
@@ -133,10 +137,8 @@ pub fn serve(
         c.clone_fd = true;
         c
     };
-    let ttl = if writable { WRITABLE_TTL } else { TTL };
     let adapter = Adapter {
         fs,
-        ttl,
         passthrough: opts.passthrough,
         backing: Mutex::default(),
     };
@@ -188,6 +190,27 @@ fn file_attr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev,
+        blksize: crate::fs::BLOCK,
+        flags: 0,
+    }
+}
+
+/// What a negative lookup reply carries: only the node id (0) is read.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: NEGATIVE_ENTRY,
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
         blksize: crate::fs::BLOCK,
         flags: 0,
     }
@@ -273,7 +296,7 @@ impl Adapter {
 
     fn entry(&self, reply: ReplyEntry, result: Result<Attr, Errno>) {
         match result {
-            Ok(attr) => reply.entry(&self.ttl, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -316,12 +339,15 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Err(Errno::ENOENT) => reply.entry(&TTL, &negative_entry(), Generation(0)),
+            result => self.entry(reply, result),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -353,7 +379,7 @@ impl Filesystem for Adapter {
             mtime: time_arg(mtime),
         };
         match self.fs.setattr(ino.0, &change) {
-            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -601,7 +627,7 @@ impl Filesystem for Adapter {
                         INodeNo(attr.ino),
                         i as u64 + 1,
                         OsStr::from_bytes(&e.name),
-                        &self.ttl,
+                        &TTL,
                         &file_attr(&attr),
                         Generation(0),
                     );
@@ -716,7 +742,7 @@ impl Filesystem for Adapter {
                 let entry = file_attr(&attr);
                 if let Some(id) = self.passthrough_id(attr.ino, fh, |f| reply.open_backing(f)) {
                     return reply.created_passthrough(
-                        &self.ttl,
+                        &TTL,
                         &entry,
                         Generation(0),
                         FileHandle(fh),
@@ -726,7 +752,7 @@ impl Filesystem for Adapter {
                 }
                 self.backing().cached_open(attr.ino);
                 reply.created(
-                    &self.ttl,
+                    &TTL,
                     &entry,
                     Generation(0),
                     FileHandle(fh),

@@ -243,12 +243,13 @@ struct MountArgs {
     /// Keep the cache under SIZE (512M, 10G) by evicting data of unmounted images, checked every 30 s [default: cache_max of the config file]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     cache_max: Option<u64>,
-    /// What to fetch in the background once mounted: none, landmark (the
-    /// files eStargz layers mark as needed at start, before their
-    /// .prefetch.landmark) or all (every layer, whole)
+    /// What to fetch before it is read: none, landmark (the files eStargz
+    /// layers mark as needed at start, before their .prefetch.landmark:
+    /// fetched at once, in parallel, while the mount comes up) or all
+    /// (every layer, whole, in the background)
     #[arg(long, value_enum, default_value_t = mount::Prefetch::Landmark)]
     prefetch: mount::Prefetch,
-    /// Bandwidth cap of background prefetching (10M, 50MiB/s; 0: no cap)
+    /// Bandwidth cap of `--prefetch all` (10M, 50MiB/s; 0: no cap)
     #[arg(long, value_name = "BYTES/s", default_value = "50MiB/s", value_parser = parse_rate)]
     prefetch_rate: u64,
     /// Windows images: show the layers as they are (Files/, Hives/, ...)

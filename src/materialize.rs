@@ -15,6 +15,7 @@ use crate::digest::Digest;
 use crate::layer::{FileData, LayerReader};
 use std::collections::HashMap;
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,10 @@ pub const MIN_FILE: u64 = 4096;
 const QUEUE: usize = 64;
 /// Bytes read per request while writing one out.
 const PIECE: usize = 1 << 20;
+/// Locks the served-bytes counts are spread over: every read of a file
+/// worth keeping counts, from all FUSE threads, so one lock would be a
+/// point they all meet at.
+const SHARDS: usize = 32;
 
 /// Names one image file: its layer and where its data lies in the layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,8 +67,10 @@ struct Job {
 /// See the module doc.
 pub struct Materializer {
     root: PathBuf,
-    /// Bytes served per file by reads in this mount.
-    served: Mutex<HashMap<Key, u64>>,
+    /// Bytes served per file by reads in this mount, until the file is
+    /// queued (so the maps hold only files being read now), sharded by key.
+    served: [Mutex<HashMap<Key, u64>>; SHARDS],
+    shard_of: RandomState,
     jobs: SyncSender<Job>,
     written: Arc<AtomicU64>,
 }
@@ -89,7 +96,8 @@ impl Materializer {
             })?;
         Ok(Materializer {
             root,
-            served: Mutex::new(HashMap::new()),
+            served: std::array::from_fn(|_| Mutex::default()),
+            shard_of: RandomState::new(),
             jobs,
             written,
         })
@@ -107,17 +115,21 @@ impl Materializer {
         complete.then_some(file)
     }
 
-    /// Counts `bytes` served of the file; the first time the count reaches
-    /// its size, queues it to be written out.
+    /// Counts `bytes` served of the file; when the count reaches its size,
+    /// queues it to be written out (unless it is kept already).
     pub fn served(&self, key: Key, bytes: u64, data: &FileData, reader: &Arc<LayerReader>) {
-        let first_time = {
-            let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = self.shard_of.hash_one(key) as usize % SHARDS;
+        let read_whole = {
+            let mut served = self.served[shard].lock().unwrap_or_else(|p| p.into_inner());
             let count = served.entry(key).or_default();
-            let before = *count;
             *count = count.saturating_add(bytes);
-            before < key.size && *count >= key.size
+            let whole = *count >= key.size;
+            if whole {
+                served.remove(&key);
+            }
+            whole
         };
-        if first_time && !path(&self.root, &key).exists() {
+        if read_whole && !path(&self.root, &key).exists() {
             let job = Job {
                 key,
                 data: data.clone(),

@@ -647,9 +647,16 @@ impl Drop for Prefetcher {
     }
 }
 
-/// Starts fetching `layers` in the background as `mode` says, at most
-/// `rate` bytes per second (0: no limit), stepping aside while on-demand
-/// reads fetch. `None` when there is nothing to do.
+/// Starts fetching `layers` in the background as `mode` says. `None` when
+/// there is nothing to do.
+///
+/// The landmark region of each layer is what the image's first program
+/// reads at once, so it is fetched now, every layer at the same time, each
+/// in as few requests as the run limit allows, at full speed: a program
+/// that reads those files meanwhile waits on the fetch in flight instead
+/// of issuing one request per file, one round trip after another. `all`
+/// is background work: at most `rate` bytes per second (0: no limit), in
+/// small steps, stepping aside while on-demand reads fetch.
 pub fn prefetch(
     layers: RemoteLayers,
     mode: Prefetch,
@@ -672,24 +679,37 @@ pub fn prefetch(
         return None;
     }
     let stop = Arc::new(AtomicBool::new(false));
+    if mode == Prefetch::Landmark {
+        for (layer, end) in work {
+            spawn_prefetch(move || match layer.prefetch(0, end) {
+                Ok(()) => tracing::info!(bytes = end, "landmark region prefetched"),
+                Err(e) => tracing::warn!(error = %e, "landmark prefetch failed; reads fetch it"),
+            });
+        }
+        return Some(Prefetcher { stop });
+    }
     let flag = stop.clone();
+    spawn_prefetch(move || {
+        lower_priority();
+        let mut bucket = TokenBucket::new(rate);
+        for (layer, end) in &work {
+            if let Err(e) = prefetch_layer(layer, *end, &mut bucket, &demand, &flag) {
+                tracing::warn!(error = %e, "background prefetch stopped");
+                return;
+            }
+        }
+        tracing::info!("background prefetch done");
+    });
+    Some(Prefetcher { stop })
+}
+
+fn spawn_prefetch(work: impl FnOnce() + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("imgfs-prefetch".into())
-        .spawn(move || {
-            lower_priority();
-            let mut bucket = TokenBucket::new(rate);
-            for (layer, end) in &work {
-                if let Err(e) = prefetch_layer(layer, *end, &mut bucket, &demand, &flag) {
-                    tracing::warn!(error = %e, "background prefetch stopped");
-                    return;
-                }
-            }
-            tracing::info!("background prefetch done");
-        });
+        .spawn(work);
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no background prefetch");
     }
-    Some(Prefetcher { stop })
 }
 
 /// Prefetches `layer` from its start to `end`.

@@ -96,7 +96,6 @@ pub(crate) fn mount_here(
         imgfs::windows::Layout::View
     };
     let (image, remote) = mount::filesystem(&mut prepared, &cache, &network, layout)?;
-    let mut remote = Some(remote);
     let upper_dir = UpperDir::choose(args)?;
     let upper = match &upper_dir {
         Some(dir) => Some(
@@ -144,7 +143,14 @@ pub(crate) fn mount_here(
         fetched_bytes: 0,
     };
     let mut housekeeper = None;
-    let mut prefetcher = None;
+    // Started before the kernel mount: the landmark region is on its way
+    // while the mount comes up.
+    let prefetcher = mount::prefetch(
+        remote,
+        args.prefetch,
+        args.prefetch_rate,
+        network.demand.clone(),
+    );
     let served = fuse::serve(fs, &args.mountpoint, &options, |unmounter| {
         unmount_on_signal(&runtime, unmounter);
         if let Err(e) = record.save(&state_dir()) {
@@ -155,14 +161,6 @@ pub(crate) fn mount_here(
             network.fetched.clone(),
             args.cache_max,
         ));
-        prefetcher = remote.take().and_then(|layers| {
-            mount::prefetch(
-                layers,
-                args.prefetch,
-                args.prefetch_rate,
-                network.demand.clone(),
-            )
-        });
         tracing::info!(mountpoint = %args.mountpoint.display(), image = %prepared.image.manifest_digest, "mounted");
         if daemon {
             announce_ready(&log);
