@@ -1,7 +1,9 @@
 //! The link to the registry cut for 30 s under a live mount: the registry
 //! runs in its own network namespace, reachable over a veth pair, and the
 //! namespace's end of the pair goes down (the host's end loses its carrier,
-//! keeps its route, and drops what it sends: a pulled cable). Processes
+//! keeps its route, and drops what it sends: a pulled cable; taking the
+//! host's end down instead would remove its route, and what imgfs sends
+//! would follow the default route, which differs between machines). Processes
 //! chrooted into the mount must never hang: cached data and the tree keep
 //! answering at once, never-fetched data fails with `EIO` within the read
 //! timeout and its retries, and once the link is back the same read returns
@@ -17,9 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-/// The /30 of the veth pair: `.1` on the host, `.2` in the namespace. Far
-/// from scripts/bench's 10.231.77.0/24 and from common private ranges.
+/// The veth pair's /30 is one of the 64 in this /24 (`.1` on the host,
+/// `.2` in the namespace), chosen by process id so that two test runs at
+/// once do not collide. Far from scripts/bench's 10.231.77.0/24.
 const NET: &str = "10.201.173";
+const SUBNETS: u32 = 64;
 const REGISTRY_PORT: u16 = 5000;
 /// `--read-timeout` of the mount, seconds.
 const READ_TIMEOUT: u64 = 3;
@@ -50,6 +54,8 @@ const AFTER_BLOCK: u64 = 2560;
 /// removed on drop, panics included.
 struct Netns {
     name: String,
+    /// The network address's last byte: host `base + 1`, namespace `base + 2`.
+    base: u32,
     host_veth: String,
     ns_veth: String,
     registry: Option<Child>,
@@ -59,14 +65,16 @@ struct Netns {
 impl Netns {
     fn new() -> Netns {
         require_root();
+        let pid = std::process::id();
+        let base = (pid % SUBNETS) * 4;
         let routes = run_ok(Command::new("ip").args(["-4", "route"]), SHORT).stdout;
         assert!(
-            !routes.contains(&format!("{NET}.")),
-            "{NET}.0/30 is already routed here; tests/netcut.rs needs it:\n{routes}"
+            !routes.contains(&format!("{NET}.{base}/")),
+            "{NET}.{base}/30 is already routed here; tests/netcut.rs needs it:\n{routes}"
         );
-        let pid = std::process::id();
         let ns = Netns {
             name: format!("imgfs-netcut-{pid}"),
+            base,
             host_veth: format!("incv{pid}"),
             ns_veth: format!("incp{pid}"),
             registry: None,
@@ -87,9 +95,11 @@ impl Netns {
             &ns.ns_veth,
         ]);
         ip(&["link", "set", &ns.ns_veth, "netns", &ns.name]);
-        ip(&["addr", "add", &format!("{NET}.1/30"), "dev", &ns.host_veth]);
+        let host_addr = format!("{NET}.{}/30", base + 1);
+        ip(&["addr", "add", &host_addr, "dev", &ns.host_veth]);
         ip(&["link", "set", &ns.host_veth, "up"]);
-        ns.exec_ip(&["addr", "add", &format!("{NET}.2/30"), "dev", &ns.ns_veth]);
+        let ns_addr = format!("{NET}.{}/30", base + 2);
+        ns.exec_ip(&["addr", "add", &ns_addr, "dev", &ns.ns_veth]);
         ns.exec_ip(&["link", "set", &ns.ns_veth, "up"]);
         ns.exec_ip(&["link", "set", "lo", "up"]);
         ns
@@ -103,7 +113,7 @@ impl Netns {
 
     /// `host:port` of the registry, as imgfs sees it.
     fn host(&self) -> String {
-        format!("{NET}.2:{REGISTRY_PORT}")
+        format!("{NET}.{}:{REGISTRY_PORT}", self.base + 2)
     }
 
     fn start_registry(&mut self) {
