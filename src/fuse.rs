@@ -143,8 +143,48 @@ pub fn serve(
         backing: Mutex::default(),
     };
     let mut session = fuser::Session::new(adapter, mountpoint, &config)?;
+    raise_readahead(mountpoint);
     ready(session.unmount_callable());
     session.run()
+}
+
+/// The kernel caps a FUSE mount's readahead at its backing device info's
+/// `read_ahead_kb` (128 KiB), whatever `init` asks for; raising it to
+/// [`MAX_READAHEAD`] makes sequential reads come in 1 MiB requests (a
+/// third fewer round trips through us on a warm read, fewer Range requests
+/// on a cold one). Root only; best effort. The device number comes from
+/// mountinfo: a `stat` of the mountpoint would ask us, and we are not
+/// serving yet.
+fn raise_readahead(mountpoint: &Path) {
+    let Some(device) = mount_device(mountpoint) else {
+        tracing::debug!("mount not found in /proc/self/mountinfo; default readahead");
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, (MAX_READAHEAD / 1024).to_string()) {
+        tracing::debug!(error = %e, knob, "default readahead");
+    }
+}
+
+/// `major:minor` of the newest mount on `mountpoint`.
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    let path = mountpoint.canonicalize().ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo_device(&mountinfo, &path.to_string_lossy())
+}
+
+/// Field 3 of the last mountinfo line whose field 5 (octal-escaped) is
+/// `path`.
+fn mountinfo_device(mountinfo: &str, path: &str) -> Option<String> {
+    let escaped = path
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    mountinfo.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&escaped.as_str())).then(|| fields.get(2).map(|d| d.to_string()))?
+    })
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -777,5 +817,29 @@ impl Filesystem for Adapter {
         reply: ReplyEmpty,
     ) {
         Self::empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mountinfo_device;
+
+    #[test]
+    fn the_newest_mount_on_an_escaped_path_names_the_device() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+97 22 0:41 / /tmp/a\\040b rw,nosuid shared:50 - fuse.imgfs img rw
+98 97 0:42 / /tmp/a\\040b rw,nosuid shared:51 - fuse.imgfs img rw
+99 22 0:43 / /tmp/a rw,nosuid shared:52 - fuse.imgfs img rw
+";
+        assert_eq!(
+            mountinfo_device(mountinfo, "/tmp/a b").as_deref(),
+            Some("0:42")
+        );
+        assert_eq!(
+            mountinfo_device(mountinfo, "/tmp/a").as_deref(),
+            Some("0:43")
+        );
+        assert_eq!(mountinfo_device(mountinfo, "/tmp/c"), None);
     }
 }
