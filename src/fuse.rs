@@ -609,8 +609,11 @@ impl Filesystem for Adapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel keeps a listing across opens and drops it when the
+        // directory changes through the mount (its version and mtime move
+        // on create, unlink and rename), the only way a writable mount's
+        // directories change.
         match self.fs.opendir(ino.0) {
-            Ok(fh) if self.fs.is_writable() => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Ok(fh) => reply.opened(
                 FileHandle(fh),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
