@@ -418,6 +418,7 @@ fn a_30s_link_cut_is_survived() {
         write.status, write.elapsed, write.stderr
     );
     assert_eq!(write.stdout, b"cut\n", "the upper, link down");
+    eprintln!("link down: write, sync, read back in {:.2?}", write.elapsed);
 
     let cold = cold.join().expect("cold read thread");
     eprintln!(
