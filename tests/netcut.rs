@@ -105,8 +105,9 @@ impl Netns {
         ns
     }
 
+    /// `ip ARGS` in the namespace (`ip -n`: no mount namespace either).
     fn exec_ip(&self, args: &[&str]) {
-        let mut all = vec!["netns", "exec", &self.name, "ip"];
+        let mut all = vec!["-n", &self.name];
         all.extend_from_slice(args);
         ip(&all);
     }
@@ -129,15 +130,13 @@ impl Netns {
         )
         .expect("write registry config");
         let log = fs::File::create(self.dir.path().join("registry.log")).expect("registry log");
-        // `ip netns exec` execs the registry: this child is the registry.
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name,
-                "/usr/bin/docker-registry",
-                "serve",
-            ])
+        // Only the network namespace: `ip netns exec` would also give the
+        // registry a copy of the host's mounts, and any FUSE mount in it
+        // (other tests', other jobs') would outlive its unmount until the
+        // registry exits. nsenter execs: this child is the registry.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .args(["/usr/bin/docker-registry", "serve"])
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup registry log"))
