@@ -293,8 +293,13 @@ fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("imgfs={level},warn")));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // rustls-platform-verifier logs each certificate it rejects as
+        // an ERROR; imgfs reports the failure itself, once.
+        tracing_subscriber::EnvFilter::new(format!(
+            "imgfs={level},rustls_platform_verifier=off,warn"
+        ))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

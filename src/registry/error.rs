@@ -50,6 +50,14 @@ pub enum ErrorKind {
     TooManyRetries { attempts: u32, last: Box<ErrorKind> },
     #[error("credentials: {0}")]
     Credentials(String),
+    /// The TLS handshake failed: a certificate not trusted, or a registry
+    /// that speaks plain HTTP. Retrying cannot help; the message names the
+    /// fixes.
+    #[error(
+        "{0}; a registry with a certificate from a private CA needs that CA in the system trust store \
+         (update-ca-certificates, or SSL_CERT_FILE), one that serves plain HTTP needs --insecure-registry"
+    )]
+    Tls(String),
     /// The client could not be built (TLS setup, bad options).
     #[error("{0}")]
     Setup(String),

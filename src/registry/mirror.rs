@@ -114,9 +114,10 @@ fn judge_kind(kind: &ErrorKind) -> Verdict {
         | ErrorKind::Unauthorized { .. }
         | ErrorKind::Denied { .. }
         | ErrorKind::Credentials(_) => Verdict::Next,
-        ErrorKind::Status { .. } | ErrorKind::Network(_) | ErrorKind::TooManyRetries { .. } => {
-            Verdict::NextAndMarkDead
-        }
+        ErrorKind::Status { .. }
+        | ErrorKind::Network(_)
+        | ErrorKind::Tls(_)
+        | ErrorKind::TooManyRetries { .. } => Verdict::NextAndMarkDead,
         ErrorKind::DigestMismatch { .. } | ErrorKind::Protocol(_) | ErrorKind::Setup(_) => {
             Verdict::Fail
         }

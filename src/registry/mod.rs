@@ -72,7 +72,7 @@ pub const INSECURE_ENV: &str = "IMGFS_INSECURE_REGISTRIES";
 const DEFAULT_MAX_RETRIES: u32 = 4;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
-const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+pub(crate) const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -167,20 +167,7 @@ impl Repo {
 
 impl Client {
     pub fn new(opts: ClientOptions) -> Result<Client, RegistryError> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.read_timeout)
-            .tcp_keepalive(TCP_KEEPALIVE)
-            .user_agent(opts.user_agent.clone())
-            .build()
-            .map_err(|e| {
-                RegistryError::new(
-                    "-",
-                    "creating the HTTP client",
-                    ErrorKind::Setup(transport::describe(&e)),
-                )
-            })?;
+        let plain = transport::http_client(&opts, transport::Roots::None)?;
         let mut insecure = opts.insecure_registries.clone();
         if let Ok(extra) = std::env::var(INSECURE_ENV) {
             insecure.extend(
@@ -193,7 +180,8 @@ impl Client {
         }
         let config_path = credentials::config_path(opts.docker_config_dir.as_deref());
         let inner = Inner {
-            http,
+            plain,
+            tls: Default::default(),
             opts,
             insecure,
             config_path,

@@ -15,7 +15,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, Url};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Hops followed before giving up (registry → CDN → signed URL is 2).
@@ -109,7 +109,11 @@ pub struct Response {
 
 /// Shared state behind a `Client`.
 pub struct Inner {
-    pub http: reqwest::Client,
+    /// For `http://` URLs: built without loading the system's CA roots,
+    /// which costs tens of milliseconds of a cold start (one file per CA).
+    pub plain: reqwest::Client,
+    /// For `https://` URLs, with the system's roots: built on first use.
+    pub tls: OnceLock<reqwest::Client>,
     pub opts: ClientOptions,
     /// `opts.insecure_registries` plus `IMGFS_INSECURE_REGISTRIES`.
     pub insecure: Vec<String>,
@@ -141,6 +145,25 @@ pub fn same_origin(a: &Url, b: &Url) -> bool {
     a.scheme() == b.scheme()
         && a.host_str() == b.host_str()
         && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Whether the handshake failed in rustls (somewhere in the cause chain):
+/// the same certificate or protocol fails the same way every time.
+fn is_tls_failure(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<rustls::Error>() {
+            return true;
+        }
+        // io::Error's source() skips the error it wraps: step into it.
+        source = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+    }
+    false
 }
 
 /// `reqwest::Error` with its whole cause chain ("error sending request: … connection refused").
@@ -178,7 +201,49 @@ pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
     half + rand::rng().random_range(Duration::ZERO..=half)
 }
 
+/// Which CA roots a client trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roots {
+    /// None: for plain HTTP only.
+    None,
+    /// The system's (rustls-platform-verifier).
+    System,
+}
+
+/// An HTTP client with imgfs's settings (no automatic redirects: they are
+/// followed by hand, so credentials stay at the registry).
+pub fn http_client(opts: &ClientOptions, roots: Roots) -> Result<reqwest::Client, RegistryError> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(opts.connect_timeout)
+        .read_timeout(opts.read_timeout)
+        .tcp_keepalive(super::TCP_KEEPALIVE)
+        .user_agent(opts.user_agent.clone());
+    if roots == Roots::None {
+        builder = builder.tls_certs_only(Vec::new());
+    }
+    builder.build().map_err(|e| {
+        RegistryError::new(
+            "-",
+            "creating the HTTP client",
+            ErrorKind::Setup(describe(&e)),
+        )
+    })
+}
+
 impl Inner {
+    /// The client for `url`'s scheme.
+    fn http_for(&self, url: &Url) -> Result<&reqwest::Client, ErrorKind> {
+        if url.scheme() != "https" {
+            return Ok(&self.plain);
+        }
+        if let Some(client) = self.tls.get() {
+            return Ok(client);
+        }
+        let client = http_client(&self.opts, Roots::System).map_err(|e| e.kind)?;
+        Ok(self.tls.get_or_init(|| client))
+    }
+
     /// Connecting plus waiting for the response head.
     fn head_timeout(&self) -> Duration {
         self.opts.connect_timeout + self.opts.read_timeout
@@ -256,7 +321,8 @@ impl Inner {
         for _hop in 0..=MAX_REDIRECTS {
             let at_origin = same_origin(&url, &req.url);
             let mut builder = self
-                .http
+                .http_for(&url)
+                .map_err(|kind| Failure::Fatal(ctx.err(kind)))?
                 .request(req.method.clone(), url.clone())
                 .headers(req.headers.clone());
             if let Some(form) = &req.form {
@@ -301,6 +367,9 @@ impl Inner {
                         error: ctx.err(ErrorKind::Network(reason)),
                         retry_after: None,
                     });
+                }
+                Ok(Err(e)) if is_tls_failure(&e) => {
+                    return Err(Failure::Fatal(ctx.err(ErrorKind::Tls(describe(&e)))));
                 }
                 Ok(Err(e)) => {
                     let error = ctx.err(ErrorKind::Network(describe(&e)));
