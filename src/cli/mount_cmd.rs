@@ -24,6 +24,14 @@ use std::time::{Duration, Instant};
 /// What the daemon child prints on stdout once the mount is live.
 const READY: &str = "ready";
 
+/// glibc's knob for its per-thread allocation arenas.
+const MALLOC_ARENA_MAX: &str = "MALLOC_ARENA_MAX";
+/// The daemon's FUSE, fetch and runtime threads each get an arena of
+/// their own by default, most of it idle: scripts/soak measured 150-180 MB
+/// of anonymous memory with the default, 94 MB with two, 65 MB with one.
+/// A user's own setting wins.
+const DAEMON_MALLOC_ARENAS: &str = "2";
+
 /// Hidden flag that marks the re-executed daemon child.
 const DAEMON_CHILD: &str = "--daemon-child";
 
@@ -34,7 +42,11 @@ pub(crate) fn spawn_daemon(args: &MountArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the imgfs executable")?;
     let mut child_args: Vec<OsString> = std::env::args_os().skip(1).collect();
     child_args.push(DAEMON_CHILD.into());
-    let mut child = Process::new(exe)
+    let mut daemon = Process::new(exe);
+    if std::env::var_os(MALLOC_ARENA_MAX).is_none() {
+        daemon.env(MALLOC_ARENA_MAX, DAEMON_MALLOC_ARENAS);
+    }
+    let mut child = daemon
         .args(child_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
