@@ -239,6 +239,54 @@ pub struct GzipIndexer {
     out: Vec<u8>,
     out_len: usize,
     window: Box<[u8; WINDOW_SIZE]>,
+    /// The last compressed byte consumed: a new checkpoint's lead-in.
+    last_in: u8,
+    /// The newest checkpoint, while it is checked for needing its window.
+    probe: Option<WindowProbe>,
+}
+
+/// Gathers what follows a checkpoint until its window's use is known: the
+/// compressed bytes from the checkpoint on (lead-in byte first) and the
+/// first [`WINDOW_SIZE`] bytes of output, the only output a back-reference
+/// into the window can produce (deflate distances are at most 32 KiB).
+/// If inflating those bytes with no window at all succeeds and gives the
+/// same output, no back-reference reaches the window, and the checkpoint
+/// is stored without it. That is the rule for stored blocks and already
+/// compressed content (most of a layer of media, archives or random
+/// data), where windows cannot be compressed and would otherwise be the
+/// bulk of the index. A wrong guess is impossible: without a dictionary,
+/// zlib refuses a distance reaching before the start of the span.
+struct WindowProbe {
+    checkpoint: usize,
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+impl WindowProbe {
+    fn observe(&mut self, input: &[u8], output: &[u8]) {
+        if self.complete() {
+            return;
+        }
+        self.input.extend_from_slice(input);
+        let room = WINDOW_SIZE - self.output.len();
+        self.output
+            .extend_from_slice(&output[..output.len().min(room)]);
+    }
+
+    fn complete(&self) -> bool {
+        self.output.len() >= WINDOW_SIZE
+    }
+
+    /// Whether the span after `cp` inflates the same without its window.
+    fn window_unused(&self, cp: &Checkpoint) -> bool {
+        let bare = Checkpoint {
+            out: cp.out,
+            inp: cp.inp,
+            bits: cp.bits,
+            window: Vec::new(),
+        };
+        inflate_from(&bare, &self.input, 0, self.output.len()).is_ok_and(|out| out == self.output)
+    }
 }
 
 impl GzipIndexer {
@@ -255,6 +303,8 @@ impl GzipIndexer {
             out: vec![0; INDEX_OUT_CHUNK],
             out_len: 0,
             window: Box::new([0; WINDOW_SIZE]),
+            last_in: 0,
+            probe: None,
         })
     }
 
@@ -280,6 +330,9 @@ impl GzipIndexer {
                             .into());
                     }
                     self.total_in += input.len() as u64;
+                    if let Some(probe) = self.probe.as_mut() {
+                        probe.observe(input, &[]);
+                    }
                     input = &[];
                 }
                 Phase::BetweenMembers => {
@@ -301,7 +354,15 @@ impl GzipIndexer {
                     let step =
                         self.stream
                             .inflate(input, &mut self.out[self.out_len..], z::Z_BLOCK);
-                    input = &input[step.consumed..];
+                    let (used, rest) = input.split_at(step.consumed);
+                    input = rest;
+                    if let Some(&last) = used.last() {
+                        self.last_in = last;
+                    }
+                    let produced = &self.out[self.out_len..self.out_len + step.produced];
+                    if let Some(probe) = self.probe.as_mut() {
+                        probe.observe(used, produced);
+                    }
                     self.total_in += step.consumed as u64;
                     self.total_out += step.produced as u64;
                     self.out_len += step.produced;
@@ -323,6 +384,9 @@ impl GzipIndexer {
                         stalled = false;
                     }
                     self.maybe_checkpoint().map_err(|e| self.error_at(0, e))?;
+                    if self.probe.as_ref().is_some_and(WindowProbe::complete) {
+                        self.settle_probe();
+                    }
                 }
             }
         }
@@ -330,7 +394,7 @@ impl GzipIndexer {
     }
 
     /// Ends the pass: the blob must have ended after a complete member.
-    pub fn finish(self) -> Result<GzipIndex, ZranError> {
+    pub fn finish(mut self) -> Result<GzipIndex, ZranError> {
         if self.phase == Phase::Member {
             let reason = if self.total_in == 0 {
                 "empty gzip stream"
@@ -339,6 +403,9 @@ impl GzipIndexer {
             };
             return Err(ZranError::new(self.total_in, reason));
         }
+        // The stream ended within a window's length of the last checkpoint:
+        // everything that follows it is known.
+        self.settle_probe();
         Ok(GzipIndex {
             checkpoints: self.checkpoints,
             stream_size: self.total_out,
@@ -351,6 +418,19 @@ impl GzipIndexer {
             sink(&self.out[..len])?;
         }
         Ok(())
+    }
+
+    /// Drops the probed checkpoint's window if it turned out unused.
+    fn settle_probe(&mut self) {
+        let Some(probe) = self.probe.take() else {
+            return;
+        };
+        if let Some(cp) = self.checkpoints.get_mut(probe.checkpoint)
+            && !cp.window.is_empty()
+            && probe.window_unused(cp)
+        {
+            cp.window = Vec::new();
+        }
     }
 
     fn error_at(&self, pos: usize, reason: impl Into<String>) -> ZranError {
@@ -377,13 +457,25 @@ impl GzipIndexer {
         }
         let len = self.stream.dictionary(&mut self.window);
         let window = compress_window(&self.window[..len])?;
+        let bits = bits as u8;
         self.checkpoints.push(Checkpoint {
             out: self.total_out,
             inp: self.total_in,
-            bits: bits as u8,
+            bits,
             window,
         });
         self.last_checkpoint = Some(self.total_out);
+        // A probe still open (checkpoints closer than a window) keeps its
+        // window: what follows it is not all known yet.
+        self.probe = Some(WindowProbe {
+            checkpoint: self.checkpoints.len() - 1,
+            input: if bits > 0 {
+                vec![self.last_in]
+            } else {
+                Vec::new()
+            },
+            output: Vec::new(),
+        });
         Ok(())
     }
 }
@@ -594,6 +686,70 @@ mod tests {
         }
     }
 
+    /// Bytes no compressor can shrink (xorshift).
+    fn noise(len: usize, mut seed: u32) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn windows_nothing_refers_to_are_not_stored() {
+        // Incompressible data (stored blocks, or literals only): no span
+        // reaches back before its checkpoint, so no window is kept.
+        let data = noise(3 << 20, 0x1234_5678);
+        let blob = gzip(&data, 6);
+        let (idx, out) = index(&blob, 256 << 10, 50_000).unwrap();
+        assert_eq!(out, data);
+        let cps = &idx.checkpoints;
+        assert!(cps.len() > 8, "{} checkpoints", cps.len());
+        assert!(
+            cps.iter().all(|c| c.window.is_empty()),
+            "a window was kept for noise"
+        );
+        // Compressible data keeps them (its spans do refer back).
+        let text = sample(3 << 20);
+        let (kept, _) = index(&gzip(&text, 6), 256 << 10, 50_000).unwrap();
+        let with_window = kept
+            .checkpoints
+            .iter()
+            .filter(|c| !c.window.is_empty())
+            .count();
+        assert_eq!(
+            with_window,
+            kept.checkpoints.len() - 1,
+            "only the first has none"
+        );
+        // Half noise, half text: every span still resumes exactly.
+        let mut mixed = noise(1 << 20, 7);
+        mixed.extend(sample(1 << 20));
+        mixed.extend(noise(1 << 20, 9));
+        for level in [1, 9] {
+            let blob = gzip(&mixed, level);
+            let (idx, _) = index(&blob, 128 << 10, 4096).unwrap();
+            let cps = &idx.checkpoints;
+            let dropped = cps.iter().skip(1).filter(|c| c.window.is_empty()).count();
+            assert!(
+                dropped > 0 && dropped < cps.len() - 1,
+                "level {level}: {dropped} dropped"
+            );
+            for i in 0..cps.len() {
+                let end = cps.get(i + 1).map_or(mixed.len() as u64, |n| n.out);
+                let want = (end - cps[i].out) as usize;
+                let got = inflate_from(&cps[i], span_input(&blob, cps, i), 0, want).unwrap();
+                assert!(
+                    got == mixed[cps[i].out as usize..end as usize],
+                    "level {level} span {i}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn huge_deflate_blocks_still_index() {
         let data = sample(3 << 20);
@@ -662,15 +818,7 @@ mod tests {
         bad_bits.bits = 9;
         assert!(inflate_from(&bad_bits, span_input(&blob, &idx.checkpoints, 2), 0, 10).is_err());
         // Random bytes: an error or some output, never a panic.
-        let mut noise = 0x1234_5678_u32;
-        let random: Vec<u8> = (0..50_000)
-            .map(|_| {
-                noise ^= noise << 13;
-                noise ^= noise >> 17;
-                noise ^= noise << 5;
-                noise as u8
-            })
-            .collect();
+        let random = noise(50_000, 0x1234_5678);
         for cp in &idx.checkpoints {
             let _ = inflate_from(cp, &random, 0, 1 << 20);
         }
