@@ -221,7 +221,10 @@ fn an_https_registry_is_mounted_when_its_ca_is_trusted_and_refused_otherwise() {
     // Not trusted: a clear refusal, no mount.
     let refused = run(&mut imgfs(&cache, None, &["inspect", &reference]), SHORT);
     assert!(!refused.success(), "an untrusted certificate was accepted");
-    assert_one_line_error(&refused.stderr, &[&registry.host, "certificate", "trust store"]);
+    assert_one_line_error(
+        &refused.stderr,
+        &[&registry.host, "certificate", "trust store"],
+    );
     assert!(
         !refused.stderr.contains("attempts"),
         "a certificate failure was retried: {}",
