@@ -559,17 +559,14 @@ mod tests {
         }
     }
 
-    /// Random-looking but reproducible bytes.
+    /// Bytes no compressor can shrink, the same for a seed.
     fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut bytes = vec![0; len];
+        rand::RngCore::fill_bytes(
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+            &mut bytes,
+        );
+        bytes
     }
 
     fn populate(root: &Path) {

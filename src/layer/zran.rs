@@ -686,16 +686,14 @@ mod tests {
         }
     }
 
-    /// Bytes no compressor can shrink (xorshift).
-    fn noise(len: usize, mut seed: u32) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 17;
-                seed ^= seed << 5;
-                seed as u8
-            })
-            .collect()
+    /// Bytes no compressor can shrink, the same for a seed.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        rand::RngCore::fill_bytes(
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+            &mut bytes,
+        );
+        bytes
     }
 
     #[test]
