@@ -41,15 +41,20 @@ fn expect_failure(reference: &str, words: &[&str]) -> MountFailure {
 #[test]
 fn unknown_repository_fails_fast() {
     let reg = Registry::start(RegistryOptions::default());
-    expect_failure(&reg.reference("no/such-repo:latest"), &["such-repo"]);
+    expect_failure(
+        &reg.reference("no/such-repo:latest"),
+        &["no repository", "no/such-repo", "check the name"],
+    );
 }
 
 #[test]
 fn unknown_tag_fails_fast() {
     let reg = Registry::start(RegistryOptions::default());
     let reference = push(&reg, "busybox", "busybox:latest", Compress::Gzip);
+    push(&reg, "busybox", "busybox:v2", Compress::Gzip);
     let missing = reference.replace(":latest", ":no-such-tag");
-    expect_failure(&missing, &["no-such-tag"]);
+    // The registry's tags are named, so a typo is seen at once.
+    expect_failure(&missing, &["no tag no-such-tag", "its tags: latest, v2"]);
 }
 
 #[test]

@@ -34,6 +34,10 @@ pub enum ImageError {
         what: String,
         reason: String,
     },
+    /// The registry has no manifest for the reference; `hint` says what
+    /// it does have.
+    #[error("{reference}: not found: {hint}")]
+    NotFound { reference: String, hint: String },
     #[error(
         "{reference}: unsupported manifest (schema 1, pushed by Docker < 1.10): re-push it with a current docker or skopeo"
     )]
@@ -95,13 +99,18 @@ pub async fn resolve(
 ) -> Result<ResolvedImage, ImageError> {
     let name = reference.to_string();
     let wanted = platform.cloned().unwrap_or_else(Platform::host);
-    let mut fetched = client
+    let mut fetched = match client
         .manifest(
             reference,
             &reference.manifest_ref(),
             media_type::ALL_MANIFESTS,
         )
-        .await?;
+        .await
+    {
+        Ok(fetched) => fetched,
+        Err(e) if e.is_not_found() => return Err(explain_not_found(client, reference, e).await),
+        Err(e) => return Err(e.into()),
+    };
     let mut kind = classify(&name, &fetched)?;
     let mut index_digest = None;
     let mut platforms = Vec::new();
@@ -301,6 +310,42 @@ fn check_single_platform(
         wanted: requested.to_string(),
         actual: actual.normalized().to_string(),
     })
+}
+
+/// Most tags named in a "no such tag" error.
+const TAGS_SHOWN: usize = 10;
+
+/// A 404 for the image's manifest, with what the registry does hold: the
+/// repository's tags, or that there is no such repository. The registry's
+/// own error stands when the tag list cannot be had (denied, offline).
+async fn explain_not_found(client: &Client, reference: &Reference, e: RegistryError) -> ImageError {
+    let repository = format!("{}/{}", reference.registry, reference.repository);
+    let hint = match client.tags(reference).await {
+        Ok(None) => format!("no repository {repository}: check the name"),
+        Ok(Some(tags)) if tags.is_empty() => format!("{repository} has no tags"),
+        Ok(Some(tags)) => {
+            let mut shown = tags
+                .iter()
+                .take(TAGS_SHOWN)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if tags.len() > TAGS_SHOWN {
+                shown += &format!(", … ({} in all)", tags.len());
+            }
+            let missing = match (&reference.digest, &reference.tag) {
+                (Some(digest), _) => format!("no manifest {digest}"),
+                (None, Some(tag)) => format!("no tag {tag}"),
+                (None, None) => "no such manifest".to_string(),
+            };
+            format!("{missing} in {repository}; its tags: {shown}")
+        }
+        Err(_) => return e.into(),
+    };
+    ImageError::NotFound {
+        reference: reference.to_string(),
+        hint,
+    }
 }
 
 #[cfg(test)]

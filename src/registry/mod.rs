@@ -288,6 +288,36 @@ impl Client {
         }
     }
 
+    /// The repository's tags (the first page of `/v2/<repo>/tags/list`);
+    /// `None` when the registry does not know the repository. Asked only to
+    /// explain a manifest that was not found.
+    pub async fn tags(&self, r: &Reference) -> Result<Option<Vec<String>>, RegistryError> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let repo = self.repo(r)?;
+        let ctx = Ctx {
+            registry: &repo.registry,
+            what: format!("tags of {}", repo.repository),
+        };
+        let url = repo.url("tags", "list")?;
+        let auth = Auth::pull(&repo.repository);
+        let request = Request::get(url, HeaderMap::new(), auth, repo.retries(&self.inner.opts));
+        let response = match self.inner.execute(&ctx, &request).await {
+            Ok(response) => response,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bytes = self
+            .inner
+            .read_all(&ctx, response.resp, MANIFEST_MAX_BYTES)
+            .await?;
+        let list: TagList = serde_json::from_slice(&bytes)
+            .map_err(|e| ctx.err(ErrorKind::Protocol(format!("tag list: {e}"))))?;
+        Ok(Some(list.tags.unwrap_or_default()))
+    }
+
     /// GETs `/v2/<repo>/<kind>/<reference>` (a manifest, or a referrers
     /// index), verifying it when `reference` is a digest of it.
     async fn document_from(
