@@ -215,8 +215,12 @@ struct ArtifactManifest {
 
 /// The published index blobs for `image`'s layers, by layer digest; empty
 /// when none were published (or the lookup failed: that only costs a scan).
-pub async fn find(client: &Client, image: &ResolvedImage) -> HashMap<Digest, BlobLocator> {
-    match find_inner(client, image).await {
+pub async fn find(
+    client: &Client,
+    reference: &Reference,
+    subject: &Digest,
+) -> HashMap<Digest, BlobLocator> {
+    match find_inner(client, reference, subject).await {
         Ok(found) => found,
         Err(e) => {
             tracing::warn!("looking for published layer indexes: {e}");
@@ -227,10 +231,9 @@ pub async fn find(client: &Client, image: &ResolvedImage) -> HashMap<Digest, Blo
 
 async fn find_inner(
     client: &Client,
-    image: &ResolvedImage,
+    reference: &Reference,
+    subject: &Digest,
 ) -> Result<HashMap<Digest, BlobLocator>, ArtifactError> {
-    let reference = &image.reference;
-    let subject = &image.manifest_digest;
     let listing = match client.referrers(reference, subject).await? {
         Some(index) => index.bytes,
         None => match client

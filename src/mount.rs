@@ -96,10 +96,30 @@ pub async fn prepare_with(
     progress: &MultiProgress,
     blobs: Blobs,
 ) -> Result<Prepared, MountError> {
-    let image = image::resolve(client, reference, platform).await?;
-    let published = published_indexes(client, cache, &image).await;
+    let manifest = image::resolve_manifest(client, reference, platform).await?;
+    // The config comes while the layers are indexed (their TOCs fetched):
+    // one round trip less before the mount is live. A config that is bad
+    // ends the mount as soon as it arrives.
+    let config = async { Ok::<_, MountError>(manifest.fetch_config(client).await?) };
+    let indexes = index_layers(client, cache, &manifest, progress, blobs);
+    let (config, indexes) = futures_util::future::try_join(config, indexes).await?;
+    let image = manifest.with_config(config)?;
+    Ok(Prepared { image, indexes })
+}
+
+/// Every layer's index (see [`layer_index`]), at most
+/// [`PARALLEL_INDEXING`] at a time.
+async fn index_layers(
+    client: &Client,
+    cache: &Cache,
+    manifest: &image::ResolvedManifest,
+    progress: &MultiProgress,
+    blobs: Blobs,
+) -> Result<Vec<Arc<Index>>, MountError> {
+    let reference = &manifest.reference;
+    let published = published_indexes(client, cache, manifest).await;
     let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_INDEXING));
-    let tasks = image.layers.iter().map(|layer| {
+    let tasks = manifest.layers.iter().map(|layer| {
         let limit = limit.clone();
         let published = published.get(&layer.blob.digest);
         async move {
@@ -111,8 +131,7 @@ pub async fn prepare_with(
             layer_index(client, cache, reference, layer, progress, blobs, found).await
         }
     });
-    let indexes = futures_util::future::try_join_all(tasks).await?;
-    Ok(Prepared { image, indexes })
+    futures_util::future::try_join_all(tasks).await
 }
 
 /// Indexes published in the registry for the layers that would otherwise
@@ -120,16 +139,16 @@ pub async fn prepare_with(
 async fn published_indexes(
     client: &Client,
     cache: &Cache,
-    image: &ResolvedImage,
+    manifest: &image::ResolvedManifest,
 ) -> HashMap<Digest, BlobLocator> {
-    let needs_scan = image.layers.iter().any(|layer| {
+    let needs_scan = manifest.layers.iter().any(|layer| {
         !cache.index_path(&layer.blob.digest).exists()
             && toc::Plan::from_annotations(&layer.annotations, layer.compression).is_none()
     });
     if !needs_scan {
         return HashMap::new();
     }
-    artifact::find(client, image).await
+    artifact::find(client, &manifest.reference, &manifest.manifest_digest).await
 }
 
 /// Where a layer's index may come from besides the cache and a scan.

@@ -97,6 +97,35 @@ pub async fn resolve(
     reference: &Reference,
     platform: Option<&Platform>,
 ) -> Result<ResolvedImage, ImageError> {
+    let manifest = resolve_manifest(client, reference, platform).await?;
+    let config = manifest.fetch_config(client).await?;
+    manifest.with_config(config)
+}
+
+/// An image resolved down to its manifest: enough to start on the layers
+/// while the config is still on its way (a mount saves a round trip).
+pub struct ResolvedManifest {
+    pub reference: Reference,
+    pub index_digest: Option<Digest>,
+    pub manifest_digest: Digest,
+    manifest_media_type: String,
+    platforms: Vec<(Platform, Digest)>,
+    /// The index entry's platform; `None` for a single manifest, whose
+    /// platform the config says.
+    chosen_platform: Option<Platform>,
+    /// `--platform`, checked against a single manifest's config.
+    requested: Option<Platform>,
+    /// Bottom layer first.
+    pub layers: Vec<LayerDescriptor>,
+    config: crate::registry::BlobLocator,
+}
+
+/// The first half of [`resolve`]: index (platform choice) and manifest.
+pub async fn resolve_manifest(
+    client: &Client,
+    reference: &Reference,
+    platform: Option<&Platform>,
+) -> Result<ResolvedManifest, ImageError> {
     let name = reference.to_string();
     let wanted = platform.cloned().unwrap_or_else(Platform::host);
     let mut fetched = match client
@@ -143,33 +172,56 @@ pub async fn resolve(
     }
     let parsed = manifest::parse_manifest(&fetched.bytes)
         .map_err(|reason| invalid(&name, format!("manifest {}", fetched.digest), reason))?;
-    let config = fetch_config(client, reference, &parsed.config).await?;
-    if config.diff_ids.len() != parsed.layers.len() {
-        let reason = format!(
-            "the config lists {} diff_ids but the manifest has {} layers",
-            config.diff_ids.len(),
-            parsed.layers.len()
-        );
-        return Err(invalid(&name, format!("config {}", config.digest), reason));
-    }
-    let platform = match chosen_platform {
-        Some(p) => p,
-        None => {
-            let actual = config.platform();
-            check_single_platform(&name, platform, &actual)?;
-            actual
-        }
-    };
-    Ok(ResolvedImage {
+    Ok(ResolvedManifest {
         reference: reference.clone(),
         index_digest,
         manifest_digest: fetched.digest,
         manifest_media_type: manifest_media_type(&fetched),
         platforms,
-        platform,
+        chosen_platform,
+        requested: platform.cloned(),
         layers: parsed.layers,
-        config,
+        config: parsed.config,
     })
+}
+
+impl ResolvedManifest {
+    /// The config blob, verified against its digest.
+    pub async fn fetch_config(&self, client: &Client) -> Result<ImageConfig, ImageError> {
+        fetch_config(client, &self.reference, &self.config).await
+    }
+
+    /// The whole image, once the config agrees with the manifest (one
+    /// diff_id per layer) and with the platform asked for.
+    pub fn with_config(self, config: ImageConfig) -> Result<ResolvedImage, ImageError> {
+        let name = self.reference.to_string();
+        if config.diff_ids.len() != self.layers.len() {
+            let reason = format!(
+                "the config lists {} diff_ids but the manifest has {} layers",
+                config.diff_ids.len(),
+                self.layers.len()
+            );
+            return Err(invalid(&name, format!("config {}", config.digest), reason));
+        }
+        let platform = match self.chosen_platform {
+            Some(p) => p,
+            None => {
+                let actual = config.platform();
+                check_single_platform(&name, self.requested.as_ref(), &actual)?;
+                actual
+            }
+        };
+        Ok(ResolvedImage {
+            reference: self.reference,
+            index_digest: self.index_digest,
+            manifest_digest: self.manifest_digest,
+            manifest_media_type: self.manifest_media_type,
+            platforms: self.platforms,
+            platform,
+            layers: self.layers,
+            config,
+        })
+    }
 }
 
 fn invalid(reference: &str, what: String, reason: String) -> ImageError {
