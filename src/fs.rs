@@ -270,6 +270,19 @@ impl ImageFs {
         Ok(bytes)
     }
 
+    /// Fetches a regular file's bytes into the cache without reading them
+    /// out (nothing for other entries).
+    pub fn prefetch(&self, ino: Ino) -> Result<(), Errno> {
+        let NodeKind::File { size, layer, data } = self.node(ino)?.kind else {
+            return Ok(());
+        };
+        let reader = self.readers.get(layer as usize).ok_or(Errno::EIO)?;
+        reader.prefetch_file(size, &data).map_err(|e| {
+            tracing::error!(ino, error = %e, "prefetch failed");
+            Errno::EIO
+        })
+    }
+
     pub fn readlink(&self, ino: Ino) -> Result<&[u8], Errno> {
         match self.node(ino)?.kind {
             NodeKind::Symlink { target } => Ok(target),

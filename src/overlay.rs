@@ -16,8 +16,10 @@
 //!
 //! Locking: one namespace lock. Changes to names and copy-ups take it
 //! exclusively; lookups, attributes and listings share it. File data moves
-//! through per-open file descriptors without it. A copy-up of a large cold
-//! file therefore holds up other changes while it fetches (not reads).
+//! through per-open file descriptors without it. A copy-up fetches the
+//! file's image bytes before it takes the lock (`fetch_for_copy_up`), so
+//! others wait for a local copy, not for the network; a directory renamed
+//! with its image subtree is still copied under the lock.
 
 use crate::fs::{Attr, Errno, FileKind, ImageFs, StatFs};
 use crate::union::{Ino, Node, NodeKind, ROOT};
@@ -591,6 +593,7 @@ impl OverlayFs {
     pub fn open(&self, ino: Ino, flags: i32) -> Result<(u64, bool), Errno> {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if write {
+            self.fetch_for_copy_up(ino);
             let (_ns, upper) = self.changing()?;
             self.copy_up(ino)?;
             return self.open_upper(upper, ino, flags);
@@ -703,6 +706,24 @@ impl OverlayFs {
     }
 
     // ----- changes ----------------------------------------------------------
+
+    /// Fetches the image bytes a copy-up of `ino` will copy, before the
+    /// namespace lock is taken: the copy then reads the local cache, and
+    /// lookups and other changes wait for a local copy, not for the network.
+    /// A failure here shows again, as EIO, in the copy-up itself.
+    fn fetch_for_copy_up(&self, ino: Ino) {
+        let inode = {
+            let _ns = self.reading();
+            self.inode(ino)
+        };
+        if let Ok(inode) = inode
+            && !inode.upper
+            && inode.kind == FileKind::File
+            && let Some(lower) = inode.lower
+        {
+            let _ = self.lower.prefetch(lower);
+        }
+    }
 
     /// Makes sure `ino` exists in the upper: parents first, then the entry
     /// with the image's metadata; every name of an image hardlink is linked.
@@ -978,6 +999,7 @@ impl OverlayFs {
     }
 
     pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr, Errno> {
+        self.fetch_for_copy_up(ino);
         let (_ns, upper) = self.changing()?;
         self.copy_up(ino)?;
         let (dir, name) = self.parent_and_name(ino)?;
@@ -1158,6 +1180,7 @@ impl OverlayFs {
     }
 
     pub fn setattr(&self, ino: Ino, change: &SetAttr) -> Result<Attr, Errno> {
+        self.fetch_for_copy_up(ino);
         let (_ns, upper) = self.changing()?;
         if ino == ROOT {
             return Err(Errno(libc::EPERM));
@@ -1203,6 +1226,7 @@ impl OverlayFs {
     }
 
     pub fn setxattr(&self, ino: Ino, key: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
+        self.fetch_for_copy_up(ino);
         let (_ns, upper) = self.changing()?;
         if ino == ROOT {
             return Err(Errno(libc::EPERM));
@@ -1214,6 +1238,7 @@ impl OverlayFs {
     }
 
     pub fn removexattr(&self, ino: Ino, key: &[u8]) -> Result<(), Errno> {
+        self.fetch_for_copy_up(ino);
         let (_ns, upper) = self.changing()?;
         if ino == ROOT {
             return Err(Errno(libc::EPERM));

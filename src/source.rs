@@ -628,6 +628,10 @@ impl BlockSource {
 }
 
 impl BlobSource for BlockSource {
+    fn prefetch(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        BlockSource::prefetch(self, offset, len)
+    }
+
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
         let Some((first, last, end)) = self.units.range(offset, len) else {
             return Ok(Vec::new());

@@ -184,3 +184,60 @@ fn a_registry_restart_is_survived() {
     assert!(again.is_ok(), "the mount recovers by itself: {again:?}");
     assert!(rig.mount.is_mounted());
 }
+
+/// How long the registry stalls the copy-up's fetch.
+const COPY_UP_STALL: Duration = Duration::from_secs(10);
+
+/// A copy-up fetches the file's image bytes before it takes the lock that
+/// changes to the tree hold: while the registry stalls that fetch, a lookup
+/// of names the kernel never saw answers at once, and the copy-up then
+/// completes with the right bytes.
+#[test]
+fn a_stalled_copy_up_does_not_hold_up_lookups() {
+    let reg = Registry::start(RegistryOptions::default());
+    push(&reg, "union", "u:copy-up", Compress::None);
+    let unpacked = reference_unpack(&reg, &reg.reference("u:copy-up"));
+    let mut expected = std::fs::read(unpacked.path().join(FILE)).expect("reference file");
+    let proxy = FaultProxy::start(reg.port);
+    let timeout = (COPY_UP_STALL * 2).as_secs().to_string();
+    let mount = Mount::new(
+        &format!("{}/u:copy-up", proxy.host()),
+        MountOptions {
+            extra_args: ["--prefetch", "none", "--read-timeout", &timeout]
+                .map(String::from)
+                .to_vec(),
+            ..MountOptions::default()
+        },
+    );
+    proxy.set(Fault::Stall(COPY_UP_STALL), 1);
+    let path = mount.path().join(FILE);
+    let appender = std::thread::spawn(move || {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"appended"))
+    });
+    let deadline = Instant::now() + SHORT;
+    while proxy.seen() == 0 {
+        assert!(Instant::now() < deadline, "the copy-up fetched nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stalled_since = Instant::now();
+    let looked_up = std::fs::symlink_metadata(mount.path().join("etc/hostname"));
+    let waited = stalled_since.elapsed();
+    assert!(
+        looked_up.is_ok(),
+        "lookup during the copy-up: {looked_up:?}"
+    );
+    assert!(
+        waited < COPY_UP_STALL / 2,
+        "a lookup waited {waited:?} for a copy-up's fetch (stalled {COPY_UP_STALL:?})"
+    );
+    let appended = appender.join().expect("appender thread");
+    assert!(appended.is_ok(), "the copy-up failed: {appended:?}");
+    expected.extend_from_slice(b"appended");
+    assert!(
+        std::fs::read(mount.path().join(FILE)).expect("read back") == expected,
+        "the copied-up file differs from the image's plus the append"
+    );
+}

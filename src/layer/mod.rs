@@ -226,6 +226,12 @@ pub trait BlobSource: Send + Sync {
     /// Exactly `len` bytes at `offset`, every one checked against the index's
     /// block digests. Short only at the end of the blob.
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError>;
+
+    /// Makes blob bytes `offset..offset + len` local (fetched and verified)
+    /// without reading them out. Nothing to do for a source that is local.
+    fn prefetch(&self, _offset: u64, _len: u64) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// Why a [`BlobSource`] could not deliver (network, digest, timeout...).

@@ -83,6 +83,47 @@ impl LayerReader {
         }
     }
 
+    /// Makes the blob bytes behind a file's data local without inflating
+    /// them: a copy-up fetches a cold file this way before it takes the
+    /// lock that holds up other changes.
+    pub fn prefetch_file(&self, size: u64, data: &FileData) -> Result<(), LayerError> {
+        let ranges: Vec<(u64, u64)> = match data {
+            FileData::Contiguous { offset } => vec![(*offset, size)],
+            FileData::Sparse { segments } => {
+                segments.iter().map(|s| (s.stream_offset, s.len)).collect()
+            }
+        };
+        for (start, len) in ranges {
+            let (blob_start, blob_len) = self.blob_range(start, len);
+            self.source
+                .prefetch(blob_start, blob_len)
+                .map_err(|e| self.source_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// The blob bytes that hold stream bytes `start..start + len`: for gzip,
+    /// from the checkpoint before `start` to one byte past the checkpoint
+    /// after the end (as [`Self::inflate_span`] reads them).
+    fn blob_range(&self, start: u64, len: u64) -> (u64, u64) {
+        let Access::Gzip { checkpoints } = &self.index.access else {
+            return (start, len);
+        };
+        let blob_size = self.index.blob_size;
+        let end = start.saturating_add(len);
+        let first = checkpoints
+            .partition_point(|cp| cp.out <= start)
+            .saturating_sub(1);
+        let after = checkpoints.partition_point(|cp| cp.out < end);
+        let from = checkpoints
+            .get(first)
+            .map_or(0, |cp| cp.inp.saturating_sub(zran::lead_in(cp)));
+        let to = checkpoints
+            .get(after)
+            .map_or(blob_size, |next| next.inp.saturating_add(1).min(blob_size));
+        (from, to.saturating_sub(from))
+    }
+
     fn read_sparse(
         &self,
         segments: &[Segment],
