@@ -225,6 +225,7 @@ fn a_stalled_copy_up_does_not_hold_up_lookups() {
     let stalled_since = Instant::now();
     let looked_up = std::fs::symlink_metadata(mount.path().join("etc/hostname"));
     let waited = stalled_since.elapsed();
+    eprintln!("a lookup during a stalled copy-up took {waited:?}");
     assert!(
         looked_up.is_ok(),
         "lookup during the copy-up: {looked_up:?}"
@@ -234,6 +235,7 @@ fn a_stalled_copy_up_does_not_hold_up_lookups() {
         "a lookup waited {waited:?} for a copy-up's fetch (stalled {COPY_UP_STALL:?})"
     );
     let appended = appender.join().expect("appender thread");
+    eprintln!("the copy-up took {:?}", stalled_since.elapsed());
     assert!(appended.is_ok(), "the copy-up failed: {appended:?}");
     expected.extend_from_slice(b"appended");
     assert!(
