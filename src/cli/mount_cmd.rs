@@ -28,9 +28,12 @@ const READY: &str = "ready";
 const MALLOC_ARENA_MAX: &str = "MALLOC_ARENA_MAX";
 /// The daemon's FUSE, fetch and runtime threads each get an arena of
 /// their own by default, most of it idle: scripts/soak measured 150-180 MB
-/// of anonymous memory with the default, 94 MB with two, 65 MB with one.
-/// A user's own setting wins.
-const DAEMON_MALLOC_ARENAS: &str = "2";
+/// of anonymous memory with the default, 94 MB with two, 65 MB with one;
+/// scripts/bench-rss 38 MB (and a baseline that varied by 16 MB from run
+/// to run) with two, 22 MB with one. Small allocations do not contend for
+/// the one arena: glibc serves them from per-thread caches. A user's own
+/// setting wins.
+const DAEMON_MALLOC_ARENAS: &str = "1";
 
 /// Hidden flag that marks the re-executed daemon child.
 const DAEMON_CHILD: &str = "--daemon-child";
