@@ -14,6 +14,10 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long the cache must stay the same to count as settled.
+const SETTLE: Duration = Duration::from_millis(500);
 
 fn writable(reference: &str, upper: &Path, cache: &Path) -> Mount {
     Mount::new(
@@ -37,14 +41,34 @@ fn cache_snapshot(cache: &Path) -> BTreeMap<PathBuf, String> {
             if rel.starts_with("logs") || rel.starts_with("tmp") || rel.starts_with("locks") {
                 continue;
             }
+            // Files being written in the background (kept whole) are
+            // temporary names until they are renamed into place.
+            let temporary = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
             if path.is_dir() {
                 stack.push(path);
-            } else {
-                out.insert(rel, sha256_file(&path).expect("hash cache file"));
+            } else if !temporary && let Ok(hash) = sha256_file(&path) {
+                out.insert(rel, hash);
             }
         }
     }
     out
+}
+
+/// [`cache_snapshot`] once the daemon's background writes (files read whole,
+/// kept as plain files) have stopped changing it.
+fn settled_cache_snapshot(cache: &Path) -> BTreeMap<PathBuf, String> {
+    let deadline = Instant::now() + WALK_TIMEOUT;
+    let mut last = cache_snapshot(cache);
+    loop {
+        std::thread::sleep(SETTLE);
+        let now = cache_snapshot(cache);
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// Reads every regular file so the block cache holds all of the image.
@@ -201,7 +225,7 @@ fn every_operation_survives_a_remount_and_leaves_the_cache_alone() {
 
     let mount = writable(&reference, &upper, &cache);
     read_everything(mount.path());
-    let before = cache_snapshot(&cache);
+    let before = settled_cache_snapshot(&cache);
     mutate(mount.path());
     let snapshot = work.path().join("snapshot");
     run_ok(
@@ -221,7 +245,11 @@ fn every_operation_survives_a_remount_and_leaves_the_cache_alone() {
         diffs.join("\n")
     );
     again.unmount();
-    assert_eq!(before, cache_snapshot(&cache), "the image cache changed");
+    assert_eq!(
+        before,
+        settled_cache_snapshot(&cache),
+        "the image cache changed"
+    );
 }
 
 #[test]
