@@ -325,3 +325,17 @@ mod tests {
         }
     }
 }
+
+/// Test data shared by the layer modules' tests.
+#[cfg(test)]
+pub(crate) mod test_data {
+    /// Bytes no compressor can shrink, the same for a seed.
+    pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        rand::RngCore::fill_bytes(
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+            &mut bytes,
+        );
+        bytes
+    }
+}

@@ -535,6 +535,7 @@ mod tests {
     use super::*;
     use crate::layer::index::test_support::run;
     use crate::layer::tar::TarParser;
+    use crate::layer::test_data::noise;
     use crate::layer::toc::{Plan, load};
     use crate::layer::{Access, Compression, Index};
     use crate::layer::{BlobSource, SourceError};
@@ -557,16 +558,6 @@ mod tests {
         fn describe(&self) -> String {
             "memory".into()
         }
-    }
-
-    /// Bytes no compressor can shrink, the same for a seed.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut bytes = vec![0; len];
-        rand::RngCore::fill_bytes(
-            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
-            &mut bytes,
-        );
-        bytes
     }
 
     fn populate(root: &Path) {

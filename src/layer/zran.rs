@@ -597,6 +597,7 @@ fn next_member<'a>(stream: &mut Stream, input: &'a [u8]) -> Result<Option<&'a [u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layer::test_data::noise;
     use flate2::Compression as Level;
     use flate2::write::GzEncoder;
     use std::io::Write;
@@ -684,16 +685,6 @@ mod tests {
             let at = cp.out as usize + 12345;
             assert_eq!(got, &data[at..at + 400_000]);
         }
-    }
-
-    /// Bytes no compressor can shrink, the same for a seed.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut bytes = vec![0; len];
-        rand::RngCore::fill_bytes(
-            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
-            &mut bytes,
-        );
-        bytes
     }
 
     #[test]
