@@ -357,6 +357,9 @@ impl Filesystem for Adapter {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_MAX_PAGES,
+            // O_TRUNC reaches `open` (not a separate SETATTR after it), so
+            // a truncating open of an image file copies it up empty.
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
         ] {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");

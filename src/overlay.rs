@@ -29,6 +29,16 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+/// What a copy-up of a regular file copies of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contents {
+    Whole,
+    /// None: the caller truncates the file to 0 right after (`O_TRUNC`,
+    /// `truncate -s 0`), so fetching the image's bytes would be wasted, as
+    /// kernel overlayfs also skips them.
+    Emptied,
+}
+
 /// Bytes a copy-up asks the image for at a time.
 const COPY_CHUNK: usize = 1024 * 1024;
 
@@ -593,9 +603,14 @@ impl OverlayFs {
     pub fn open(&self, ino: Ino, flags: i32) -> Result<(u64, bool), Errno> {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if write {
-            self.fetch_for_copy_up(ino);
+            let contents = if flags & libc::O_TRUNC != 0 {
+                Contents::Emptied
+            } else {
+                Contents::Whole
+            };
+            self.fetch_for_copy_up(ino, contents);
             let (_ns, upper) = self.changing()?;
-            self.copy_up(ino)?;
+            self.copy_up_as(ino, contents)?;
             return self.open_upper(upper, ino, flags);
         }
         let _ns = self.reading();
@@ -711,7 +726,10 @@ impl OverlayFs {
     /// namespace lock is taken: the copy then reads the local cache, and
     /// lookups and other changes wait for a local copy, not for the network.
     /// A failure here shows again, as EIO, in the copy-up itself.
-    fn fetch_for_copy_up(&self, ino: Ino) {
+    fn fetch_for_copy_up(&self, ino: Ino, contents: Contents) {
+        if contents == Contents::Emptied {
+            return;
+        }
         let inode = {
             let _ns = self.reading();
             self.inode(ino)
@@ -728,6 +746,12 @@ impl OverlayFs {
     /// Makes sure `ino` exists in the upper: parents first, then the entry
     /// with the image's metadata; every name of an image hardlink is linked.
     fn copy_up(&self, ino: Ino) -> Result<(), Errno> {
+        self.copy_up_as(ino, Contents::Whole)
+    }
+
+    /// [`Self::copy_up`], copying `contents` of `ino`'s bytes if it is a
+    /// regular file.
+    fn copy_up_as(&self, ino: Ino, contents: Contents) -> Result<(), Errno> {
         // Ancestors first, so each directory's inode knows it is in the upper;
         // by a loop, not recursion: an image path can be thousands of levels deep.
         let mut chain = Vec::new();
@@ -743,14 +767,15 @@ impl OverlayFs {
             }
             current = inode.parent();
         }
-        for ino in chain.into_iter().rev() {
-            self.copy_up_one(ino)?;
+        for current in chain.into_iter().rev() {
+            // Ancestors are directories: `contents` only concerns `ino`.
+            self.copy_up_one(current, contents)?;
         }
         Ok(())
     }
 
     /// Copies `ino` up; its parent is in the upper already.
-    fn copy_up_one(&self, ino: Ino) -> Result<(), Errno> {
+    fn copy_up_one(&self, ino: Ino, contents: Contents) -> Result<(), Errno> {
         let inode = self.inode(ino)?;
         let upper = self.upper.as_ref().ok_or(Errno::EROFS)?;
         let lower = inode.lower.ok_or(Errno::EIO)?;
@@ -759,7 +784,7 @@ impl OverlayFs {
             upper.ensure_dirs(&path, &|prefix| self.meta_at(prefix))?;
         } else {
             let dir = self.prepare_dir(inode.parent())?;
-            self.copy_up_entry(upper, &dir, inode.name(), lower)?;
+            self.copy_up_entry(upper, &dir, inode.name(), lower, contents)?;
         }
         let (dir, name) = self.parent_and_name(ino)?;
         let stat = if ino == ROOT {
@@ -787,12 +812,16 @@ impl OverlayFs {
         dir: &[u8],
         name: &[u8],
         lower: Ino,
+        contents: Contents,
     ) -> Result<(), Errno> {
         let node = self.lower_node(lower)?;
         let meta = meta_of(&node);
         let special = match &node.kind {
             NodeKind::File { size, .. } => {
-                let size = *size;
+                let size = match contents {
+                    Contents::Whole => *size,
+                    Contents::Emptied => 0,
+                };
                 let mut read = |offset: u64, len: usize| {
                     let len = len.min(COPY_CHUNK) as u32;
                     self.lower
@@ -999,7 +1028,7 @@ impl OverlayFs {
     }
 
     pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr, Errno> {
-        self.fetch_for_copy_up(ino);
+        self.fetch_for_copy_up(ino, Contents::Whole);
         let (_ns, upper) = self.changing()?;
         self.copy_up(ino)?;
         let (dir, name) = self.parent_and_name(ino)?;
@@ -1180,12 +1209,17 @@ impl OverlayFs {
     }
 
     pub fn setattr(&self, ino: Ino, change: &SetAttr) -> Result<Attr, Errno> {
-        self.fetch_for_copy_up(ino);
+        let contents = if change.size == Some(0) {
+            Contents::Emptied
+        } else {
+            Contents::Whole
+        };
+        self.fetch_for_copy_up(ino, contents);
         let (_ns, upper) = self.changing()?;
         if ino == ROOT {
             return Err(Errno(libc::EPERM));
         }
-        self.copy_up(ino)?;
+        self.copy_up_as(ino, contents)?;
         let (dir, name) = self.parent_and_name(ino)?;
         let stat = upper.setattr(&dir, &name, change)?;
         Ok(attr_of(ino, &stat))
@@ -1226,7 +1260,7 @@ impl OverlayFs {
     }
 
     pub fn setxattr(&self, ino: Ino, key: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
-        self.fetch_for_copy_up(ino);
+        self.fetch_for_copy_up(ino, Contents::Whole);
         let (_ns, upper) = self.changing()?;
         if ino == ROOT {
             return Err(Errno(libc::EPERM));
@@ -1238,7 +1272,7 @@ impl OverlayFs {
     }
 
     pub fn removexattr(&self, ino: Ino, key: &[u8]) -> Result<(), Errno> {
-        self.fetch_for_copy_up(ino);
+        self.fetch_for_copy_up(ino, Contents::Whole);
         let (_ns, upper) = self.changing()?;
         if ino == ROOT {
             return Err(Errno(libc::EPERM));

@@ -243,3 +243,40 @@ fn a_stalled_copy_up_does_not_hold_up_lookups() {
         "the copied-up file differs from the image's plus the append"
     );
 }
+
+/// Opening a cold image file with `O_TRUNC` (`> file` in a shell), or
+/// truncating it to 0 by path, copies it up empty: the registry is not
+/// asked for bytes the truncation discards, so both work with the registry
+/// refusing every blob request.
+#[test]
+fn a_truncating_open_fetches_nothing() {
+    let reg = Registry::start(RegistryOptions::default());
+    push(&reg, "union", "u:truncate", Compress::None);
+    let proxy = FaultProxy::start(reg.port);
+    let mount = Mount::new(
+        &format!("{}/u:truncate", proxy.host()),
+        MountOptions {
+            extra_args: ["--prefetch", "none"].map(String::from).to_vec(),
+            ..MountOptions::default()
+        },
+    );
+    proxy.set(Fault::Refuse, u32::MAX);
+    let path = mount.path().join(FILE);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"replaced"));
+    assert!(written.is_ok(), "truncating open: {written:?}");
+    assert_eq!(std::fs::read(&path).expect("read back"), b"replaced");
+    // truncate(2) by path: a SETATTR of size 0 without an open.
+    let busybox = mount.path().join("bin/busybox");
+    run_ok(
+        std::process::Command::new("python3")
+            .args(["-c", "import os, sys; os.truncate(sys.argv[1], 0)"])
+            .arg(&busybox),
+        SHORT,
+    );
+    assert_eq!(std::fs::metadata(&busybox).expect("stat").len(), 0);
+    assert_eq!(proxy.seen(), 0, "blob requests for truncated files");
+}
