@@ -1395,14 +1395,8 @@ mod tests {
 
     fn entry(path: &str, kind: EntryKind) -> Entry {
         Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
             mtime: 1_700_000_000,
-            mtime_nsec: 0,
-            xattrs: vec![],
+            ..Entry::plain(path, kind)
         }
     }
 

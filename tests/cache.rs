@@ -276,15 +276,7 @@ fn push_random_file(
             .arg(dir.join("layer.tar.gz")),
         MOUNT_TIMEOUT,
     );
-    let reference = reg.reference("bigfile:latest");
-    run_ok(
-        Command::new(script("make-test-image"))
-            .arg("push")
-            .arg(format!("{}:latest", layout.display()))
-            .arg(&reference)
-            .args(["--compress", "keep"]),
-        MOUNT_TIMEOUT,
-    );
+    let reference = push_layout(reg, &layout, "bigfile:latest");
     (reference, layers(reg, "bigfile:latest"), bytes)
 }
 
