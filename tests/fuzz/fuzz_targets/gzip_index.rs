@@ -10,9 +10,9 @@
 use imgfs::digest::Digest;
 use imgfs::layer::zran::{GzipIndexer, ZranError, inflate_from, lead_in};
 use imgfs::layer::{
-    BlobSource, Compression, EntryKind, FileData, Index, IndexOptions, LayerReader, SourceError,
-    build_index,
+    Compression, EntryKind, FileData, Index, IndexOptions, LayerReader, build_index,
 };
+use imgfs_fuzz::Memory;
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 
@@ -74,19 +74,6 @@ struct Stop;
 impl From<ZranError> for Stop {
     fn from(_: ZranError) -> Self {
         Stop
-    }
-}
-
-/// The blob in memory.
-struct Memory(Vec<u8>);
-
-impl BlobSource for Memory {
-    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
-        let start = usize::try_from(offset)
-            .map_err(|_| SourceError("offset".into()))?
-            .min(self.0.len());
-        let end = start.saturating_add(len).min(self.0.len());
-        Ok(self.0[start..end].to_vec())
     }
 }
 

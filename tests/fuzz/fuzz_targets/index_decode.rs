@@ -6,15 +6,12 @@
 //! it serves (or refuses) every file without panicking.
 #![no_main]
 
-use imgfs::layer::{BlobSource, EntryKind, INDEX_VERSION, Index, LayerReader, SourceError};
+use imgfs::layer::{BlobSource, INDEX_VERSION, Index, SourceError};
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 
 /// The persisted index's leading magic (private in `layer::index`).
 const INDEX_MAGIC: &[u8; 8] = b"IMGFSIDX";
-/// Files read through the reader per input, and bytes per read.
-const READ_FILES: usize = 8;
-const READ_LEN: usize = 4096;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -67,15 +64,5 @@ impl BlobSource for Pattern {
 
 fn read_some(index: Index) {
     let size = index.source_size().min(1 << 24);
-    let index = Arc::new(index);
-    let reader = LayerReader::new(index.clone(), Arc::new(Pattern { size }));
-    let files = index.entries.iter().filter_map(|e| match &e.kind {
-        EntryKind::File { size, data } => Some((*size, data)),
-        _ => None,
-    });
-    for (size, data) in files.take(READ_FILES) {
-        for offset in [0, size / 2, size.saturating_sub(1)] {
-            let _ = reader.read_file(size, data, offset, READ_LEN);
-        }
-    }
+    imgfs_fuzz::read_some(Arc::new(index), Arc::new(Pattern { size }));
 }

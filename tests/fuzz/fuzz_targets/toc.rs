@@ -11,20 +11,18 @@
 
 use flate2::write::GzEncoder;
 use imgfs::digest::Digest;
+use imgfs::layer::Index;
 use imgfs::layer::toc::{
     Plan, Position, TOC_TAR_NAME, load, parse_estargz_footer, parse_position, parse_toc,
     parse_zstd_footer,
 };
-use imgfs::layer::{BlobSource, EntryKind, Index, LayerReader, SourceError};
+use imgfs_fuzz::{Memory, read_some};
 use libfuzzer_sys::fuzz_target;
 use std::io::Write;
 use std::sync::Arc;
 
 /// Filler before the TOC, in units of this many bytes (chosen by the mode byte).
 const FILLER_UNIT: usize = 512;
-/// Files read through the reader per input, and bytes per read.
-const READ_FILES: usize = 8;
-const READ_LEN: usize = 4096;
 /// zstd skippable frame header before a zstd:chunked manifest.
 const SKIPPABLE_HEADER: usize = 8;
 
@@ -61,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     if let Err(e) = Index::decode(&encoded) {
         panic!("an index built from a TOC fails the persisted index's checks: {e}");
     }
-    read_some(index, blob);
+    read_some(Arc::new(index), Arc::new(Memory(blob)));
 });
 
 /// `filler` zero bytes, the TOC member, the footer pointing at it.
@@ -109,31 +107,4 @@ fn zstd_chunked(json: &[u8], offset: usize) -> Option<(Plan, Vec<u8>)> {
         }),
     };
     Some((plan, blob))
-}
-
-/// The blob in memory.
-struct Memory(Vec<u8>);
-
-impl BlobSource for Memory {
-    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
-        let start = usize::try_from(offset)
-            .map_err(|_| SourceError("offset".into()))?
-            .min(self.0.len());
-        let end = start.saturating_add(len).min(self.0.len());
-        Ok(self.0[start..end].to_vec())
-    }
-}
-
-fn read_some(index: Index, blob: Vec<u8>) {
-    let index = Arc::new(index);
-    let reader = LayerReader::new(index.clone(), Arc::new(Memory(blob)));
-    let files = index.entries.iter().filter_map(|e| match &e.kind {
-        EntryKind::File { size, data } => Some((*size, data)),
-        _ => None,
-    });
-    for (size, data) in files.take(READ_FILES) {
-        for offset in [0, size / 2, size.saturating_sub(1)] {
-            let _ = reader.read_file(size, data, offset, READ_LEN);
-        }
-    }
 }
